@@ -1,0 +1,47 @@
+"""Model registry: every model is a factory registered by name (timm's ``@register_model`` habit).
+
+Old reference spellings resolve through the explicit alias table ``MODEL_ALIASES``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from util.errors import unknown_name_error
+
+_MODELS: dict[str, Callable] = {}
+
+# Reference spellings users paste from the RETFound README -> our names.
+MODEL_ALIASES: dict[str, str] = {
+    "RETFound_mae": "retfound_mae",
+    "vit_large_patch16": "retfound_mae",
+}
+
+
+def register_model(fn: Callable) -> Callable:
+    """Register ``fn`` under its function name. The factory signature is
+    ``fn(num_classes: int, drop_path_rate: float = 0., global_pool: bool = True, img_size: int = 224)``.
+    """
+    name = fn.__name__
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} registered twice")
+    _MODELS[name] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def resolve_model_name(name: str) -> str:
+    """Canonical registered name for ``name`` (alias-aware); unknown names raise with close matches."""
+    name = MODEL_ALIASES.get(name, name)
+    if name not in _MODELS:
+        raise unknown_name_error("model", name, list(_MODELS) + list(MODEL_ALIASES))
+    return name
+
+
+def create_model(name: str, num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
+                 img_size: int = 224):
+    """Build a registered model by name."""
+    return _MODELS[resolve_model_name(name)](num_classes=num_classes, drop_path_rate=drop_path_rate,
+                                             global_pool=global_pool, img_size=img_size)
