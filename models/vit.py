@@ -1,0 +1,357 @@
+"""Vision Transformer (ViT) in the RETFound configuration, written for Paddle.
+
+The encoder is the MAE / RETFound ViT: patch embedding by a stride-``patch`` convolution, a learned cls
+token and learned absolute position embedding, pre-norm blocks (LayerNorm eps 1e-6, multi-head attention
+with a qkv bias, exact-erf GELU MLP) with per-sample stochastic depth, and no dropout. Two pooling modes:
+
+* ``global_pool=True`` (RETFound default): mean of the patch tokens (the cls token is left out because it
+  was trained by MAE only as a placeholder, not as a summary) -> ``fc_norm`` -> ``head``. The encoder's final
+  ``norm`` does not exist in this mode.
+* ``global_pool=False``: ``norm`` -> cls token -> ``head``.
+
+Parameter names are those of timm's ``VisionTransformer`` so PyTorch checkpoints map by name.
+
+References: timm ``vision_transformer.py`` (VisionTransformer, Block, Attention, DropPath), facebookresearch/mae
+``models_vit.py`` / ``util/pos_embed.py`` and rmaphoh/RETFound_MAE ``models_vit.py`` / ``main_finetune.py``.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from models.registry import register_model
+from util.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LN_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------------------------- init helpers
+@paddle.no_grad()
+def trunc_normal_(param: paddle.Tensor, std: float = 1.0, mean: float = 0.0, a: float = -2.0,
+                  b: float = 2.0) -> paddle.Tensor:
+    """Fill ``param`` in place from N(mean, std^2) truncated to the **absolute** interval [a, b].
+
+    Same semantics as timm's / PyTorch's ``trunc_normal_``: the bounds are not in units of ``std``, so with
+    the default bounds and a small std (2e-5 for the RETFound head) the draw is effectively untruncated.
+    Sampling is by the inverse CDF of a uniform draw between the CDF values of the bounds; Paddle's global
+    generator is used, so ``paddle.seed`` makes it reproducible.
+    """
+    def cdf(v: float) -> float:
+        return 0.5 * (1.0 + math.erf(v / math.sqrt(2.0)))
+
+    lo, hi = cdf((a - mean) / std), cdf((b - mean) / std)
+    u = paddle.uniform(param.shape, dtype="float32", min=2 * lo - 1, max=2 * hi - 1)
+    # keep erfinv finite at the edges of the interval (u = +-1 only when the truncation is vacuous)
+    u = paddle.clip(u, -1 + 1e-7, 1 - 1e-7)
+    v = paddle.erfinv(u) * (std * math.sqrt(2.0)) + mean
+    param.set_value(paddle.clip(v, a, b).astype(param.dtype))
+    return param
+
+
+@paddle.no_grad()
+def _xavier_uniform_(param: paddle.Tensor, fan_in: int, fan_out: int) -> None:
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    param.set_value(paddle.uniform(param.shape, dtype="float32", min=-limit, max=limit).astype(param.dtype))
+
+
+@paddle.no_grad()
+def _fill_(param: paddle.Tensor, value: float) -> None:
+    param.set_value(paddle.full(param.shape, value, dtype=param.dtype))
+
+
+# ----------------------------------------------------------------------------------------------- layers
+def drop_path(x: paddle.Tensor, drop_prob: float, training: bool) -> paddle.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample, rescale survivors by 1/keep_prob."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1.0 - drop_prob
+    shape = [x.shape[0]] + [1] * (x.ndim - 1)
+    mask = paddle.floor(keep_prob + paddle.rand(shape, dtype=x.dtype))
+    return x * (mask / keep_prob)
+
+
+class DropPath(nn.Layer):
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.4f}"
+
+
+class PatchEmbed(nn.Layer):
+    """Image [B, C, H, W] -> patch tokens [B, N, D] by a kernel = stride = patch convolution."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise UserError(f"ViT: input size {img_size} is not a multiple of the patch size {patch_size} "
+                            f"(expected e.g. {patch_size * max(1, round(img_size / patch_size))}); "
+                            f"pass a --input_size divisible by {patch_size}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.proj = nn.Conv2D(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if x.shape[-2] != self.img_size or x.shape[-1] != self.img_size:
+            raise UserError(f"ViT: input image is {x.shape[-2]}x{x.shape[-1]} but the model was built for "
+                            f"{self.img_size}x{self.img_size}; build the model with img_size matching "
+                            f"--input_size (position embeddings are resized when loading weights)")
+        x = self.proj(x)                       # [B, D, h, w]
+        return x.flatten(2).transpose([0, 2, 1])  # [B, h*w, D], row-major over the grid like timm
+
+
+class Attention(nn.Layer):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
+        q, k, v = qkv[0], qkv[1], qkv[2]     # [B, H, N, Dh]
+        # Paddle's scaled_dot_product_attention dispatches to this same math on CPU (measured: identical
+        # output, no speed gain), so the explicit form is used everywhere.
+        attn = F.softmax(paddle.matmul(q * self.scale, k, transpose_y=True), axis=-1)
+        x = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([B, N, C])
+        return self.proj(x)
+
+
+class Mlp(nn.Layer):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate=False)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Layer):
+    """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path_rate: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, epsilon=LN_EPS)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, epsilon=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path_rate)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# ----------------------------------------------------------------------------------------------- model
+_HEAD_KEYS = ("head.weight", "head.bias")
+_FC_NORM_KEYS = ("fc_norm.weight", "fc_norm.bias")
+_NORM_KEYS = ("norm.weight", "norm.bias")
+
+
+class VisionTransformer(nn.Layer):
+    """RETFound / MAE ViT classifier. See the module docstring for the two pooling modes."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 1024, depth: int = 24, num_heads: int = 16, mlp_ratio: float = 4.0,
+                 drop_path_rate: float = 0.0, global_pool: bool = True):
+        super().__init__()
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise UserError(f"ViT: drop_path_rate {drop_path_rate} out of range (expected 0 <= p < 1); "
+                            f"pass e.g. --drop_path 0.2")
+        self.global_pool = bool(global_pool)
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+
+        self.cls_token = self.create_parameter([1, 1, embed_dim], dtype="float32")
+        self.pos_embed = self.create_parameter([1, num_patches + 1, embed_dim], dtype="float32")
+
+        # stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last
+        self.drop_path_rates = [float(r) for r in np.linspace(0.0, drop_path_rate, depth)]
+        self.blocks = nn.LayerList([Block(embed_dim, num_heads, mlp_ratio, r) for r in self.drop_path_rates])
+
+        if self.global_pool:
+            # RETFound deletes the encoder norm in this mode; the pooled feature gets its own LayerNorm.
+            self.norm = None
+            self.fc_norm = nn.LayerNorm(embed_dim, epsilon=LN_EPS)
+        else:
+            self.norm = nn.LayerNorm(embed_dim, epsilon=LN_EPS)
+            self.fc_norm = None
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        # model self-description (see the project contract)
+        self.num_outputs = num_classes
+        self.num_features = embed_dim
+        self.num_views = 1
+        self.num_layers = depth + 1
+        self.default_cfg = {
+            "input_size": img_size,
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "interpolation": "bicubic",
+            "crop_pct": 224 / 256 if img_size <= 224 else 1.0,
+        }
+        self._init_weights()
+
+    # ------------------------------------------------------------------ init
+    @paddle.no_grad()
+    def _init_weights(self) -> None:
+        """Random init as in MAE / timm: trunc-normal(0.02) tokens, xavier-uniform linears and patch
+        projection (the conv seen as a [D, C*p*p] linear), zero biases, LayerNorm ones/zeros."""
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        w = self.patch_embed.proj.weight            # [D, C, p, p]
+        _xavier_uniform_(w, fan_in=int(np.prod(w.shape[1:])), fan_out=w.shape[0])
+        _fill_(self.patch_embed.proj.bias, 0.0)
+        for layer in self.sublayers():
+            if isinstance(layer, nn.Linear):
+                fan_in, fan_out = layer.weight.shape  # Paddle Linear weight is [in, out]
+                _xavier_uniform_(layer.weight, fan_in, fan_out)
+                _fill_(layer.bias, 0.0)
+            elif isinstance(layer, nn.LayerNorm):
+                _fill_(layer.weight, 1.0)
+                _fill_(layer.bias, 0.0)
+
+    def reset_head(self, std: float = 2e-5) -> None:
+        """Head weight ~ trunc_normal(std) with absolute bounds [-2, 2] (as timm), bias zero."""
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=std)
+            _fill_(self.head.bias, 0.0)
+
+    # ------------------------------------------------------------------ forward
+    def forward_tokens(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Image [B, 3, H, W] -> all tokens after the last block [B, 1 + N, D] (cls token first)."""
+        x = self.patch_embed(x)
+        cls = self.cls_token.expand([x.shape[0], -1, -1])
+        x = paddle.concat([cls, x], axis=1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+    def forward_features(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Image -> pooled, normalised feature [B, num_features] (the head's input)."""
+        x = self.forward_tokens(x)
+        if self.global_pool:
+            return self.fc_norm(x[:, 1:, :].mean(axis=1))
+        return self.norm(x)[:, 0]
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.head(self.forward_features(x))
+
+    # ------------------------------------------------------------------ optimisation helpers
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def layer_id(self, param_name: str) -> int:
+        """Layer index for layer-wise LR decay: embeddings 0, block i -> i + 1, norms/head -> num_layers."""
+        if param_name in ("cls_token", "pos_embed") or param_name.startswith("patch_embed."):
+            return 0
+        m = re.match(r"blocks\.(\d+)\.", param_name)
+        if m:
+            return int(m.group(1)) + 1
+        return self.num_layers
+
+    # ------------------------------------------------------------------ pretrained weights
+    def prepare_pretrained(self, sd: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], set[str]]:
+        """Adapt a Paddle-layout state dict (MAE pretraining or fine-tuned RETFound) to this model.
+
+        Drops what this model never uses (MAE ``decoder_*`` and ``mask_token``; the encoder ``norm`` in
+        global-pool mode, which RETFound deletes), drops ``head.*`` when its shape differs, and resizes the
+        patch part of ``pos_embed`` bicubically to this model's grid (cls token kept). Returns the new dict
+        and the keys allowed to be missing from it: the head, plus ``fc_norm`` in global-pool mode.
+        """
+        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        out: dict[str, np.ndarray] = {}
+        for k, v in sd.items():
+            if k.startswith("decoder_") or k == "mask_token":
+                continue
+            if self.global_pool and k in _NORM_KEYS:
+                continue
+            if k in _HEAD_KEYS and k in own and tuple(v.shape) != own[k]:
+                continue
+            out[k] = v
+        if "pos_embed" in out:
+            out["pos_embed"] = resize_pos_embed(out["pos_embed"], self.patch_embed.grid_size)
+        allowed = set(_HEAD_KEYS) | (set(_FC_NORM_KEYS) if self.global_pool else set())
+        expected_missing = {k for k in allowed if k in own and k not in out}
+        return out, expected_missing
+
+
+def resize_pos_embed(pos_embed: np.ndarray, new_grid: int, num_prefix_tokens: int = 1) -> np.ndarray:
+    """Resize the patch-token part of a [1, prefix + g*g, D] position embedding to ``new_grid`` squared.
+
+    Bicubic, align_corners=False, as MAE's ``interpolate_pos_embed``; prefix (cls) tokens are kept as they
+    are. Returns the input unchanged when the grid already matches.
+    """
+    pos_embed = np.asarray(pos_embed)
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
+        raise UserError(f"pos_embed: shape {tuple(pos_embed.shape)} is not [1, tokens, dim]; "
+                        f"the checkpoint is not a ViT checkpoint")
+    n_patch = pos_embed.shape[1] - num_prefix_tokens
+    old_grid = int(round(math.sqrt(n_patch)))
+    if old_grid * old_grid != n_patch:
+        raise UserError(f"pos_embed: {n_patch} patch tokens do not form a square grid "
+                        f"(expected g*g + {num_prefix_tokens} tokens); use a checkpoint of a square-input ViT")
+    if old_grid == new_grid:
+        return pos_embed
+    dim = pos_embed.shape[2]
+    prefix = pos_embed[:, :num_prefix_tokens]
+    grid = pos_embed[:, num_prefix_tokens:].reshape(1, old_grid, old_grid, dim).transpose(0, 3, 1, 2)
+    resized = F.interpolate(paddle.to_tensor(grid.astype(np.float32)), size=[new_grid, new_grid],
+                            mode="bicubic", align_corners=False)
+    resized = resized.numpy().transpose(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim)
+    return np.concatenate([prefix, resized.astype(pos_embed.dtype)], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------- factories
+@register_model
+def retfound_mae(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
+                 img_size: int = 224) -> VisionTransformer:
+    """RETFound ViT-L/16 (embed 1024, depth 24, heads 16)."""
+    return VisionTransformer(img_size=img_size, patch_size=16, num_classes=num_classes, embed_dim=1024, depth=24,
+                             num_heads=16, mlp_ratio=4.0, drop_path_rate=drop_path_rate, global_pool=global_pool)
+
+
+@register_model
+def vit_base_patch16(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
+                     img_size: int = 224) -> VisionTransformer:
+    """ViT-B/16 (embed 768, depth 12, heads 12)."""
+    return VisionTransformer(img_size=img_size, patch_size=16, num_classes=num_classes, embed_dim=768, depth=12,
+                             num_heads=12, mlp_ratio=4.0, drop_path_rate=drop_path_rate, global_pool=global_pool)
+
+
+@register_model
+def vit_small_patch16(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
+                      img_size: int = 224) -> VisionTransformer:
+    """ViT-S/16 (embed 384, depth 12, heads 6)."""
+    return VisionTransformer(img_size=img_size, patch_size=16, num_classes=num_classes, embed_dim=384, depth=12,
+                             num_heads=6, mlp_ratio=4.0, drop_path_rate=drop_path_rate, global_pool=global_pool)
+
+
+@register_model
+def vit_test(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
+             img_size: int = 224) -> VisionTransformer:
+    """Tiny ViT for tests: patch 16, embed 32, depth 2, heads 2 (same code path as retfound_mae)."""
+    return VisionTransformer(img_size=img_size, patch_size=16, num_classes=num_classes, embed_dim=32, depth=2,
+                             num_heads=2, mlp_ratio=4.0, drop_path_rate=drop_path_rate, global_pool=global_pool)
