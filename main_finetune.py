@@ -1,0 +1,331 @@
+"""Fine-tune a registered model on a dataset (RETFound recipe by default), or evaluate a checkpoint.
+
+    python main_finetune.py --data_path OCTID --nb_classes 5 [--finetune RETFound_mae_meh]
+    python main_finetune.py --config configs/demo_retinamnist.yaml
+    python main_finetune.py --eval --resume CKPT --data_path D --nb_classes K
+    python -m paddle.distributed.launch --nproc_per_node N main_finetune.py ...
+
+This file wires the parts together; it is the only place that reads the resolved config. Everything below
+it receives explicit arguments.
+
+References: RETFound_MAE ``main_finetune.py`` (flags, recipe, outputs); MAE ``main_finetune.py``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# Paddle's CPU kernels use one thread unless told otherwise; this must happen before Paddle is imported.
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(os.cpu_count() or 1, 8))))
+
+import json  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from util.errors import UserError  # noqa: E402
+
+
+class WorkerSeeder:
+    """``worker_init_fn`` giving every DataLoader worker its own seed for ``random`` and numpy (the
+    augmentations draw from both); ``base`` is set before each epoch so epochs differ."""
+
+    def __init__(self, base: int = 0):
+        self.base = base
+
+    def __call__(self, worker_id: int) -> None:
+        seed = (self.base + 7919 * (worker_id + 1)) % (2**32)
+        random.seed(seed)
+        np.random.seed(seed)
+
+
+def build_loaders(datasets: dict, batch_size: int, num_workers: int, seed: int, rank: int, world: int):
+    import paddle
+
+    from util.distributed import ShardSampler
+
+    loaders, seeders = {}, {}
+    for split, ds in datasets.items():
+        seeder = WorkerSeeder(seed)
+        if split == "train":
+            sampler = paddle.io.DistributedBatchSampler(ds, batch_size=batch_size, num_replicas=world, rank=rank,
+                                                        shuffle=True, drop_last=True)
+        else:
+            sampler = paddle.io.BatchSampler(sampler=ShardSampler(len(ds), rank, world), batch_size=batch_size,
+                                             drop_last=False)
+        loaders[split] = paddle.io.DataLoader(ds, batch_sampler=sampler, num_workers=num_workers,
+                                              worker_init_fn=seeder if num_workers > 0 else None,
+                                              use_shared_memory=False)
+        seeders[split] = seeder
+    return loaders, seeders
+
+
+def run_identity(cfg, model_name: str, nb_classes: int, class_names: list, task_type: str) -> dict:
+    return {"model": model_name, "nb_classes": nb_classes, "class_names": list(class_names),
+            "input_size": cfg.input_size, "global_pool": cfg.global_pool,
+            "data_path": os.path.abspath(cfg.data_path), "task_type": task_type}
+
+
+def main(cfg) -> dict:
+    import paddle
+
+    import engine_finetune as engine
+    from models import create_model, resolve_model_name
+    from util import distributed as D
+    from util.checkpoint import (check_resume_compatible, is_toolkit_checkpoint, load_checkpoint,
+                                 save_checkpoint, set_rng_state)
+    from util.datasets import build_dataset
+    from util.logger import RunLogger
+    from util.lr_decay import param_groups_lrd
+    from util.lr_sched import adjust_learning_rate, effective_lr
+    from util.metrics import save_confusion_matrix_png
+    from util.transforms import build_transform
+
+    D.init_distributed()
+    rank, world = D.get_rank(), D.get_world_size()
+    main_proc = rank == 0
+
+    def say(msg: str) -> None:
+        if main_proc:
+            print(msg, flush=True)
+
+    # --- device and AMP -------------------------------------------------------------------------------
+    has_gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+    if cfg.device == "gpu" and not has_gpu:
+        raise UserError("--device gpu: no CUDA device is visible (a GPU was requested); install "
+                        "paddlepaddle-gpu and check the driver, or pass --device cpu")
+    device = "gpu" if (cfg.device == "gpu" or (cfg.device == "auto" and has_gpu)) else "cpu"
+    if device == "gpu":
+        paddle.set_device(f"gpu:{paddle.distributed.ParallelEnv().dev_id}" if world > 1 else "gpu")
+    else:
+        paddle.set_device("cpu")
+    amp = engine.AmpConfig(enabled=bool(cfg.amp) and device == "gpu", dtype=cfg.amp_dtype)
+    if cfg.amp and not amp.enabled:
+        say("AMP: off (requested with --amp, but mixed precision runs on GPU only; training in float32 on CPU)")
+
+    seed = cfg.seed + rank
+    random.seed(seed)
+    np.random.seed(seed)
+    paddle.seed(seed)
+
+    # --- model ----------------------------------------------------------------------------------------
+    model_name = resolve_model_name(cfg.model)
+    num_classes_hint = cfg.nb_classes
+    # datasets first when nb_classes must be inferred; a throwaway model gives the data defaults.
+    probe = create_model(model_name, num_classes=num_classes_hint or 2, drop_path_rate=0.0,
+                         global_pool=cfg.global_pool, img_size=cfg.input_size)
+    data_cfg = dict(probe.default_cfg)
+    del probe
+
+    eval_tf = build_transform(False, cfg.input_size, data_cfg["mean"], data_cfg["std"],
+                              interpolation=data_cfg.get("interpolation", "bicubic"))
+    splits = ["test"] if cfg.eval else ["train", "val", "test"]
+    datasets = {}
+    for split in splits:
+        tf = eval_tf
+        if split == "train":
+            tf = build_transform(True, cfg.input_size, data_cfg["mean"], data_cfg["std"],
+                                 interpolation=data_cfg.get("interpolation", "bicubic"), aa=cfg.aa,
+                                 reprob=cfg.reprob, remode=cfg.remode, recount=cfg.recount,
+                                 color_jitter=cfg.color_jitter)
+        datasets[split] = build_dataset(split, cfg.data_path, tf, nb_classes=cfg.nb_classes)
+    first = datasets[splits[0]]
+    class_names = list(first.class_names)
+    nb_classes = cfg.nb_classes or len(class_names)
+    task = engine.get_task(first.task)
+    for split, ds in datasets.items():
+        if list(ds.class_names) != class_names:
+            raise UserError(f"{cfg.data_path}/{split}: classes {list(ds.class_names)} differ from "
+                            f"{splits[0]}'s {class_names}; use the same class folders in every split")
+        say(f"{split}: {ds!r}")
+
+    model = create_model(model_name, num_classes=nb_classes, drop_path_rate=cfg.drop_path,
+                         global_pool=cfg.global_pool, img_size=cfg.input_size)
+    if getattr(model, "num_views", 1) != getattr(first, "num_views", 1):
+        raise UserError(f"--model {model_name} takes {model.num_views} image(s) per sample but the dataset "
+                        f"at {cfg.data_path} gives {first.num_views}; pick a matching model")
+
+    task_name = cfg.task or f"{model_name}_{os.path.splitext(os.path.basename(os.path.normpath(cfg.data_path)))[0]}"
+    run_dir = os.path.join(cfg.output_dir, task_name) if cfg.output_dir else None
+    identity = run_identity(cfg, model_name, nb_classes, class_names, first.task)
+
+    # --- weights --------------------------------------------------------------------------------------
+    resume_state = None
+    if cfg.resume:
+        from models.pretrained import load_finetuned
+
+        if cfg.resume.endswith(".pdparams") and is_toolkit_checkpoint(resume_state := load_checkpoint(cfg.resume)):
+            if not cfg.eval:
+                check_resume_compatible(resume_state["meta"], identity, cfg.resume)
+            load_finetuned(model, resume_state["model"], source_name=cfg.resume)
+            say(f"Resumed weights from {cfg.resume} (epoch {resume_state['epoch']})")
+        else:
+            if not cfg.eval:
+                raise UserError(f"{cfg.resume}: not a checkpoint of this toolkit, so it cannot be resumed "
+                                "(it has no optimizer state or run identity); use it with --eval, or "
+                                "--finetune it to start a new run from its weights")
+            resume_state = None
+            load_finetuned(model, cfg.resume)
+            say(f"Loaded fine-tuned weights from {cfg.resume} for evaluation")
+    elif cfg.finetune and not cfg.eval:
+        from models.pretrained import load_pretrained
+
+        report = load_pretrained(model, cfg.finetune, weights_dir=cfg.weights_dir)
+        say(f"Loaded pre-trained weights from {report.get('path', cfg.finetune)}")
+    elif not cfg.eval:
+        warnings.warn(f"no pretrained weights given (--finetune): {model_name} starts from random "
+                      "initialisation; pass --finetune RETFound_mae_meh (a file in --weights_dir) or a path "
+                      "to fine-tune a foundation model", stacklevel=1)
+    elif cfg.eval:
+        raise UserError("--eval: no checkpoint to evaluate (--resume is empty); pass --resume CKPT")
+
+    n_parameters = sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient)
+    say(f"Model {model_name}: {n_parameters / 1e6:.2f} M trainable parameters, {nb_classes} classes")
+
+    loaders, seeders = build_loaders(datasets, cfg.batch_size, cfg.num_workers, seed, rank, world)
+    if world > 1:
+        model = paddle.DataParallel(model)
+    bare_model = model._layers if world > 1 else model
+
+    logger = RunLogger(run_dir, cfg.log_dir, enabled=main_proc)
+    if main_proc and run_dir:
+        from util.config import save_config
+
+        os.makedirs(run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+
+    # --- evaluation only ------------------------------------------------------------------------------
+    if cfg.eval:
+        test_stats, y_true, probs = engine.evaluate(model, loaders["test"], task, nb_classes, amp=amp,
+                                                    header="Test", print_freq=cfg.print_freq)
+        _report_test(logger, test_stats, y_true, probs, class_names, run_dir, task, save_confusion_matrix_png,
+                     say)
+        logger.close()
+        return test_stats
+
+    # --- optimisation ---------------------------------------------------------------------------------
+    lr = effective_lr(cfg.blr, cfg.lr, cfg.batch_size, cfg.accum_iter, world)
+    say(f"base lr: {lr * 256 / (cfg.batch_size * cfg.accum_iter * world):.2e}  actual lr: {lr:.2e}  "
+        f"effective batch size: {cfg.batch_size * cfg.accum_iter * world} "
+        f"(batch {cfg.batch_size} x accum {cfg.accum_iter} x {world} process(es))")
+    groups = param_groups_lrd(bare_model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+    grad_clip = paddle.nn.ClipGradByGlobalNorm(cfg.clip_grad) if cfg.clip_grad else None
+    optimizer = paddle.optimizer.AdamW(learning_rate=lr, parameters=groups, beta1=0.9, beta2=0.999,
+                                       epsilon=1e-8, weight_decay=cfg.weight_decay, grad_clip=grad_clip)
+    scaler = None
+    if amp.enabled and amp.dtype == "float16":
+        scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**16)  # dynamic loss scaling, GPU only
+    criterion = task.train_loss(smoothing=cfg.smoothing)
+
+    def set_lr(epoch_float: float) -> float:
+        return adjust_learning_rate(optimizer, epoch_float, lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+
+    start_epoch, best_score, best_epoch = cfg.start_epoch, -math.inf, -1
+    if resume_state is not None:
+        if "optimizer" in resume_state:
+            optimizer.set_state_dict(resume_state["optimizer"])
+        if scaler is not None and resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+        start_epoch = int(resume_state["epoch"]) + 1
+        best_score = float(resume_state.get("best_score", -math.inf))
+        best_epoch = int(resume_state.get("best_epoch", -1))
+        if "rng" in resume_state and world == 1:
+            set_rng_state(resume_state["rng"])
+        say(f"Resuming at epoch {start_epoch} (best val score so far {best_score:.4f})")
+
+    if main_proc and run_dir:
+        with open(os.path.join(run_dir, "run_info.json"), "w", encoding="utf8") as f:
+            json.dump({"effective_lr": lr, "world_size": world, "device": device, "amp": amp.enabled,
+                       "n_parameters": n_parameters, "class_names": class_names, "task": first.task,
+                       "paddle": paddle.__version__, "data_cfg": data_cfg}, f, indent=2)
+
+    steps_per_epoch = len(loaders["train"])
+    if steps_per_epoch == 0:
+        raise UserError(f"{cfg.data_path}/train: {len(datasets['train'])} images are fewer than one batch "
+                        f"(batch_size {cfg.batch_size} x {world} process(es), last partial batch dropped); "
+                        "lower --batch_size or add images")
+    global_step = start_epoch * (steps_per_epoch // cfg.accum_iter)
+    last_path = os.path.join(run_dir, "checkpoint-last.pdparams") if run_dir else None
+    best_path = os.path.join(run_dir, "checkpoint-best.pdparams") if run_dir else None
+    say(f"Start training for {cfg.epochs} epochs ({steps_per_epoch} steps each) -> {run_dir}")
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        loaders["train"].batch_sampler.set_epoch(epoch)
+        seeders["train"].base = seed * 100003 + epoch * 7
+        train_stats, global_step = engine.train_one_epoch(
+            model, criterion, loaders["train"], optimizer, epoch, set_lr=set_lr, accum_iter=cfg.accum_iter,
+            scaler=scaler, amp=amp, logger=logger, print_freq=cfg.print_freq, global_step=global_step)
+        val_stats, _, _ = engine.evaluate(model, loaders["val"], task, nb_classes, amp=amp, header="Val",
+                                          print_freq=cfg.print_freq)
+        score = val_stats["score"]
+        score = -math.inf if score is None or not math.isfinite(score) else score
+        improved = score > best_score
+        if improved:
+            best_score, best_epoch = score, epoch
+        say(f"Epoch {epoch}: train loss {train_stats['loss']:.4f}, val " +
+            ", ".join(f"{k} {val_stats[k]:.4f}" for k in ("accuracy", "f1", "roc_auc", "kappa", "score")) +
+            (" (best)" if improved else f" (best {best_score:.4f} at epoch {best_epoch})"))
+        if main_proc:
+            logger.csv_row("metrics_val.csv", task.columns, val_stats)
+            logger.scalars("val", val_stats, epoch)
+            logger.json_line({"epoch": epoch, "train_lr": train_stats["lr"], "train_loss": train_stats["loss"],
+                              **{f"val_{k}": v for k, v in val_stats.items()}, "n_parameters": n_parameters})
+            logger.flush()
+            meta = {**identity, "best_epoch": best_epoch}
+            if improved and cfg.savemodel and best_path:
+                save_checkpoint(best_path, model=bare_model, epoch=epoch, best_score=best_score, meta=meta,
+                                extra={"best_epoch": best_epoch, "val_metrics": val_stats})
+            if last_path:
+                save_checkpoint(last_path, model=bare_model, optimizer=optimizer, scaler=scaler, epoch=epoch,
+                                best_score=best_score, meta=meta, extra={"best_epoch": best_epoch})
+        D.barrier()
+    say(f"Training time {time.time() - t0:.0f}s; best val score {best_score:.4f} at epoch {best_epoch}")
+
+    # --- test once, on the best checkpoint -----------------------------------------------------------
+    if best_path and os.path.isfile(best_path):
+        bare_model.set_state_dict(load_checkpoint(best_path)["model"])
+        say(f"Test on the best checkpoint (epoch {best_epoch})")
+    else:
+        say("Test on the final weights (no best checkpoint was saved: --no-savemodel or no improvement)")
+    test_stats, y_true, probs = engine.evaluate(model, loaders["test"], task, nb_classes, amp=amp, header="Test",
+                                                print_freq=cfg.print_freq)
+    _report_test(logger, test_stats, y_true, probs, class_names, run_dir, task, save_confusion_matrix_png, say)
+    logger.close()
+    return test_stats
+
+
+def _report_test(logger, stats, y_true, probs, class_names, run_dir, task, save_cm, say) -> None:
+    from util.metrics import confusion_matrix
+
+    say("Test: " + ", ".join(f"{k} {stats[k]:.4f}" for k in task.columns if k in stats))
+    if logger.enabled:
+        logger.csv_row("metrics_test.csv", task.columns, stats)
+        cm = confusion_matrix(y_true, probs.argmax(axis=1), len(class_names))
+        save_cm(cm, class_names, os.path.join(run_dir, "confusion_matrix_test.png"), title="Test confusion matrix")
+        with open(os.path.join(run_dir, "predictions_test.csv"), "w", encoding="utf8") as f:
+            f.write("index,label,prediction," + ",".join(f"prob_{c}" for c in class_names) + "\n")
+            for i, (t, p) in enumerate(zip(y_true, probs)):
+                f.write(f"{i},{t},{int(p.argmax())}," + ",".join(f"{v:.6f}" for v in p) + "\n")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from util.config import resolve_config
+
+    try:
+        cfg = resolve_config(argv)
+        main(cfg)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last completed epoch's checkpoint-last.pdparams is intact; continue with "
+              "--resume <run folder>/checkpoint-last.pdparams", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# bash run.sh demo                 fine-tune ResNet-18 on the bundled RetinaMNIST (CPU, a few minutes)
+# bash run.sh [DATASET ...]        RETFound benchmark from configs/<dataset>.yaml (default: all eight)
+#
+# Environment: DATA_ROOT (default ./data) holds one folder per dataset (train/ val/ test/ <class>/);
+# WEIGHTS_DIR (default ./weights) holds RETFound_mae_meh.pth or .pdparams; OUTPUT_DIR (default ./output_dir);
+# PYTHON (default python); NPROC (default 1) > 1 trains data-parallel with paddle.distributed.launch.
+# Extra flags after "--" go to every run, e.g. bash run.sh octid -- --epochs 50 --lr 5e-4
+set -uo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python}
+DATA_ROOT=${DATA_ROOT:-./data}
+WEIGHTS_DIR=${WEIGHTS_DIR:-./weights}
+OUTPUT_DIR=${OUTPUT_DIR:-./output_dir}
+NPROC=${NPROC:-1}
+
+names=()
+extra=()
+while [ $# -gt 0 ]; do
+  if [ "$1" = "--" ]; then shift; extra=("$@"); break; fi
+  names+=("$1"); shift
+done
+
+launch() {
+  if [ "$NPROC" -gt 1 ]; then
+    "$PYTHON" -m paddle.distributed.launch --nproc_per_node "$NPROC" main_finetune.py "$@"
+  else
+    "$PYTHON" main_finetune.py "$@"
+  fi
+}
+
+if [ "${names[0]:-}" = "demo" ]; then
+  launch --config configs/demo_retinamnist.yaml --output_dir "$OUTPUT_DIR" "${extra[@]}" || exit $?
+  "$PYTHON" tools/summarize_runs.py --demo "$OUTPUT_DIR/demo_retinamnist"
+  exit $?
+fi
+
+declare -A folder=(
+  [octid]=OCTID [retina]=Retina [aptos2019]=APTOS2019 [jsiec]=JSIEC
+  [idrid]=IDRiD [messidor2]=MESSIDOR2 [papila]=PAPILA [glaucoma_fundus]=Glaucoma_fundus
+)
+[ ${#names[@]} -eq 0 ] && names=(octid retina aptos2019 jsiec idrid messidor2 papila glaucoma_fundus)
+
+runs=()
+failed=0
+for name in "${names[@]}"; do
+  if [ -z "${folder[$name]:-}" ]; then
+    echo "run.sh: unknown dataset '$name' (known: demo ${!folder[*]})" >&2; exit 2
+  fi
+  data="$DATA_ROOT/${folder[$name]}"
+  if [ ! -d "$data" ]; then
+    echo "skipping $name: $data not found (put the ${folder[$name]} train/val/test class folders there)"
+    continue
+  fi
+  task="RETFound_mae_meh-${folder[$name]}"
+  echo "=== $name: $data -> $OUTPUT_DIR/$task"
+  if ! launch --config "configs/$name.yaml" --data_path "$data" --weights_dir "$WEIGHTS_DIR" \
+      --output_dir "$OUTPUT_DIR" --task "$task" "${extra[@]}"; then
+    echo "run.sh: $name failed" >&2; failed=1
+  fi
+  runs+=("$OUTPUT_DIR/$task")
+done
+if [ ${#runs[@]} -gt 0 ]; then
+  echo; echo "Test metrics per dataset:"
+  "$PYTHON" tools/summarize_runs.py "${runs[@]}"
+fi
+exit $failed

@@ -1,0 +1,95 @@
+"""Run checkpoints: atomic writes, resume with a compatibility check, RNG state.
+
+``checkpoint-last.pdparams`` is written after every epoch (model, optimizer, AMP scaler, epoch, best
+score, RNG state, and the run's identity in ``meta``); ``checkpoint-best.pdparams`` whenever the
+validation score improves. A file is written to a temporary name in the same folder and moved into place
+with ``os.replace``, so a crash while writing leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+
+import numpy as np
+import paddle
+
+from util.errors import UserError
+
+# Fields of ``meta`` that must agree for a resume to make sense.
+RESUME_KEYS = ("model", "nb_classes", "class_names", "input_size", "global_pool", "data_path", "task_type")
+
+
+def atomic_save(obj, path: str) -> None:
+    """``paddle.save`` to ``path`` through a temporary file, so ``path`` is never half-written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pdparams", dir=folder)
+    os.close(fd)
+    try:
+        paddle.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "paddle": paddle.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    paddle.set_rng_state(state["paddle"])
+
+
+def save_checkpoint(path: str, *, model, optimizer=None, scaler=None, epoch: int, best_score: float,
+                    meta: dict, extra: dict | None = None) -> None:
+    """Write a resumable checkpoint atomically."""
+    state = {
+        "model": model.state_dict(),
+        "epoch": epoch,
+        "best_score": best_score,
+        "meta": meta,
+        "rng": rng_state(),
+    }
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    if extra:
+        state.update(extra)
+    atomic_save(state, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load one of our checkpoints; a missing or unreadable file raises ``UserError``."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: checkpoint not found; pass an existing file to --resume")
+    try:
+        state = paddle.load(path)
+    except Exception as exc:  # corrupt or foreign file
+        raise UserError(f"{path}: could not read the checkpoint ({type(exc).__name__}: {exc}); "
+                        "pass a checkpoint written by this toolkit or a RETFound .pth file") from exc
+    if not isinstance(state, dict) or "model" not in state:
+        keys = list(state)[:10] if isinstance(state, dict) else type(state).__name__
+        raise UserError(f"{path}: not a checkpoint of this toolkit (top-level keys {keys}, expected 'model')")
+    return state
+
+
+def is_toolkit_checkpoint(state: dict) -> bool:
+    return isinstance(state, dict) and "meta" in state and "model" in state
+
+
+def check_resume_compatible(saved_meta: dict, meta: dict, path: str) -> None:
+    """Raise ``UserError`` listing every identity field that differs between a checkpoint and this run."""
+    diffs = []
+    for key in RESUME_KEYS:
+        if key in saved_meta and key in meta and saved_meta[key] != meta[key]:
+            diffs.append(f"{key}: checkpoint {saved_meta[key]!r} vs now {meta[key]!r}")
+    if diffs:
+        raise UserError(f"{path}: cannot resume, the run differs from the checkpoint's ("
+                        + "; ".join(diffs) + "); resume with the original settings or start a new run "
+                        "(use --finetune to start from its weights)")

@@ -1,0 +1,89 @@
+"""Run outputs: console progress, ``log.txt`` JSON lines, metric CSVs and VisualDL scalars.
+
+Only the main process writes; other ranks get a ``RunLogger`` whose writers are no-ops.
+VisualDL (``visualdl --logdir <output_dir>``) shows ``train/loss`` and ``train/lr`` at every optimizer
+step and ``val/<metric>`` per epoch.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+
+def _clean(value):
+    """JSON/CSV-friendly value: numpy scalars to Python, NaN kept as float('nan')."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return value
+
+
+class RunLogger:
+    def __init__(self, run_dir: str | None, log_dir: str | None = None, enabled: bool = True):
+        self.enabled = enabled and run_dir is not None
+        self.run_dir = run_dir
+        self.writer = None
+        if self.enabled:
+            os.makedirs(run_dir, exist_ok=True)
+            from visualdl import LogWriter
+
+            self.writer = LogWriter(logdir=log_dir or run_dir)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None and value is not None and math.isfinite(float(value)):
+            self.writer.add_scalar(tag=tag, value=float(value), step=int(step))
+
+    def scalars(self, prefix: str, values: dict, step: int) -> None:
+        for k, v in values.items():
+            if isinstance(v, (int, float)) or hasattr(v, "item"):
+                self.scalar(f"{prefix}/{k}", _clean(v), step)
+
+    def json_line(self, record: dict, name: str = "log.txt") -> None:
+        if not self.enabled:
+            return
+        record = {k: _clean(v) for k, v in record.items()}
+        with open(os.path.join(self.run_dir, name), "a", encoding="utf8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def csv_row(self, name: str, columns: list[str], values: dict) -> None:
+        """Append a row to ``name`` in the run folder, writing the header when the file is new."""
+        if not self.enabled:
+            return
+        path = os.path.join(self.run_dir, name)
+        new = not os.path.isfile(path)
+        with open(path, "a", newline="", encoding="utf8") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(columns)
+            w.writerow([_clean(values.get(c, float("nan"))) for c in columns])
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class Progress:
+    """Prints ``header [i/n] key=value ... eta`` every ``every`` steps and at the end (main process only)."""
+
+    def __init__(self, total: int, header: str, every: int = 20, enabled: bool = True, stream=None):
+        self.total, self.header, self.every, self.enabled = total, header, max(1, every), enabled
+        self.stream = stream or sys.stdout
+        self.start = time.time()
+
+    def update(self, step: int, **values) -> None:
+        done = step + 1
+        if not self.enabled or (done % self.every and done != self.total):
+            return
+        elapsed = time.time() - self.start
+        eta = elapsed / done * (self.total - done)
+        parts = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        print(f"{self.header} [{done}/{self.total}] {parts} elapsed={elapsed:.0f}s eta={eta:.0f}s",
+              file=self.stream, flush=True)
