@@ -1,0 +1,247 @@
+"""Classification metrics for single-label evaluation, as total functions.
+
+``compute_metrics`` reproduces the numbers of the RETFound reference ``evaluate()``: argmax predictions,
+one-hot encodings of labels and predictions, and scikit-learn's accuracy, hamming loss, macro jaccard,
+macro average precision, unweighted Cohen kappa, macro F1 / precision / recall (zero_division 0) and macro
+one-vs-rest AUROC on the class probabilities; ``score = (f1 + roc_auc + kappa) / 3`` is the model-selection
+score. Two additions: ``kappa_quadratic`` (quadratic-weighted kappa over the full label range 0..K-1) and
+per-class AUROC / AP.
+
+Where the reference crashes, these functions do not (CONVENTIONS principle 9). A class with no positive
+(or no negative) sample in ``y_true`` has no AUROC; a class with no positive sample has no average
+precision. There the reference's ``roc_auc_score`` raises (older scikit-learn) or returns NaN with a warning
+(recent scikit-learn); scikit-learn's ``average_precision_score`` silently counts such a class as 0. Here the per-class value is NaN and the macro value is NaN too (a macro
+over a subset of the classes would not be comparable between evaluations), with exactly one
+``MetricWarning`` naming the classes, also returned in ``notes``. ``score`` is then NaN as well; model
+selection must rank a NaN score below every number -- use ``selection_value``. The per-class arrays let a
+caller report the classes that are defined. Fewer than two classes or no samples give NaN everywhere (one
+warning). Non-finite probabilities (a diverged model) make the probability-based metrics NaN (one warning);
+the argmax-based ones are computed with non-finite entries treated as -inf.
+
+References: RETFound_MAE engine_finetune.evaluate (rmaphoh/RETFound_MAE); scikit-learn metric definitions.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from typing import Sequence
+
+import numpy as np
+from sklearn import metrics as skm
+
+# CSV column order; the first ten are the reference's order.
+METRIC_COLUMNS = ['val_loss', 'accuracy', 'f1', 'roc_auc', 'hamming', 'jaccard', 'precision', 'recall',
+                  'average_precision', 'kappa', 'kappa_quadratic', 'score']
+
+_SCALAR_KEYS = [c for c in METRIC_COLUMNS if c != 'val_loss']
+
+
+class MetricWarning(UserWarning):
+    """An evaluation metric is undefined for this data and was reported as NaN."""
+
+
+def _class_label(k: int, class_names: Sequence[str] | None) -> str:
+    if class_names is not None and k < len(class_names):
+        return f"{k} ({class_names[k]!r})"
+    return str(k)
+
+
+def _nan_result(num_classes: int, note: str) -> dict:
+    warnings.warn(note, MetricWarning, stacklevel=3)
+    out = {k: float('nan') for k in _SCALAR_KEYS}
+    out['per_class_auroc'] = [float('nan')] * max(num_classes, 0)
+    out['per_class_ap'] = [float('nan')] * max(num_classes, 0)
+    out['undefined_classes'] = list(range(max(num_classes, 0)))
+    out['notes'] = [note]
+    return out
+
+
+def compute_metrics(y_true, probs, num_classes: int | None = None,
+                    class_names: Sequence[str] | None = None) -> dict:
+    """Evaluation metrics of single-label predictions.
+
+    Args:
+        y_true: integer labels, shape [N], values in [0, K).
+        probs: class probabilities (softmax outputs), shape [N, K].
+        num_classes: K; defaults to ``probs.shape[1]`` and must equal it when given.
+        class_names: optional names used in warning messages.
+
+    Returns:
+        dict with the float keys of ``METRIC_COLUMNS`` except ``val_loss`` (NaN where undefined), plus
+        ``per_class_auroc`` and ``per_class_ap`` (lists of K floats, NaN where undefined),
+        ``undefined_classes`` (class indices whose AUROC is undefined) and ``notes`` (the warning texts).
+
+    Raises:
+        ValueError: on inconsistent shapes or labels outside [0, K) -- caller bugs, not data properties.
+    """
+    y_true = np.asarray(y_true).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim == 1 and probs.size == 0:
+        probs = probs.reshape(0, num_classes or 0)
+    if probs.ndim != 2:
+        raise ValueError(f"compute_metrics: probs must have shape [N, K], got {probs.shape}")
+    n, k = probs.shape
+    if num_classes is not None and num_classes != k:
+        raise ValueError(f"compute_metrics: num_classes={num_classes} but probs has {k} columns")
+    if y_true.shape[0] != n:
+        raise ValueError(f"compute_metrics: {y_true.shape[0]} labels but {n} rows of probabilities")
+    if n and not np.issubdtype(y_true.dtype, np.integer):
+        if not np.all(np.equal(np.mod(y_true, 1), 0)):
+            raise ValueError("compute_metrics: y_true must hold integer class indices")
+    y_true = y_true.astype(np.int64)
+    if n and (y_true.min() < 0 or y_true.max() >= k):
+        raise ValueError(f"compute_metrics: labels must be in [0, {k}), got range "
+                         f"[{y_true.min()}, {y_true.max()}]")
+    if n == 0:
+        return _nan_result(k, "metrics: no samples to evaluate; all metrics are NaN")
+    if k < 2:
+        return _nan_result(k, f"metrics: {k} class(es) (expected at least 2); all metrics are NaN")
+
+    notes: list[str] = []
+    finite = np.isfinite(probs).all()
+    if not finite:
+        bad = int((~np.isfinite(probs)).any(axis=1).sum())
+        notes.append(f"metrics: {bad} of {n} samples have non-finite probabilities (diverged model?); "
+                     f"roc_auc, average_precision and score are NaN")
+    y_pred = np.argmax(np.where(np.isfinite(probs), probs, -np.inf), axis=1)
+    eye = np.eye(k, dtype=np.int64)
+    true_oh, pred_oh = eye[y_true], eye[y_pred]
+
+    out: dict = {}
+    with warnings.catch_warnings():
+        # scikit-learn's own warnings (undefined precision, kappa 0/0, ...) are replaced by ours.
+        warnings.simplefilter('ignore')
+        out['accuracy'] = float(skm.accuracy_score(y_true, y_pred))
+        out['hamming'] = float(skm.hamming_loss(true_oh, pred_oh))
+        # zero_division=0 reproduces the value of the reference's default ('warn' -> 0) without the warning.
+        out['jaccard'] = float(skm.jaccard_score(true_oh, pred_oh, average='macro', zero_division=0))
+        out['f1'] = float(skm.f1_score(true_oh, pred_oh, average='macro', zero_division=0))
+        out['precision'] = float(skm.precision_score(true_oh, pred_oh, average='macro', zero_division=0))
+        out['recall'] = float(skm.recall_score(true_oh, pred_oh, average='macro', zero_division=0))
+        out['kappa'] = _kappa(y_true, y_pred, None)
+        # Quadratic weights need the full label range: with labels=None scikit-learn would measure the
+        # distance between grades by their index among the grades present, not by the grade itself.
+        out['kappa_quadratic'] = _kappa(y_true, y_pred, 'quadratic', labels=np.arange(k))
+
+        per_auc = [float('nan')] * k
+        per_ap = [float('nan')] * k
+        pos = true_oh.sum(axis=0)
+        undefined_auc = [c for c in range(k) if pos[c] == 0 or pos[c] == n]
+        if finite:
+            for c in range(k):
+                if pos[c] > 0:
+                    per_ap[c] = float(skm.average_precision_score(true_oh[:, c], probs[:, c]))
+                    if pos[c] < n:
+                        per_auc[c] = float(skm.roc_auc_score(true_oh[:, c], probs[:, c]))
+    if math.isnan(out['kappa']):
+        notes.append("metrics: Cohen kappa is undefined (labels and predictions are all one class); kappa "
+                     "and score are NaN")
+    if undefined_auc and finite:
+        names = ', '.join(_class_label(c, class_names) for c in undefined_auc)
+        notes.append(f"metrics: class(es) {names} have no positive or no negative sample in y_true; their "
+                     f"AUROC (and AP if no positives) is undefined, so macro roc_auc"
+                     f"{' and average_precision' if (pos == 0).any() else ''} and score are NaN; "
+                     f"per_class_auroc holds the defined classes")
+    out['per_class_auroc'] = per_auc
+    out['per_class_ap'] = per_ap
+    out['undefined_classes'] = undefined_auc
+    out['roc_auc'] = float(np.mean(per_auc))  # NaN if any class is undefined
+    out['average_precision'] = float(np.mean(per_ap))
+    out['score'] = (out['f1'] + out['roc_auc'] + out['kappa']) / 3.0
+    out['notes'] = notes
+    if notes:
+        warnings.warn('; '.join(notes), MetricWarning, stacklevel=2)
+    return out
+
+
+def _kappa(y_true: np.ndarray, y_pred: np.ndarray, weights: str | None, labels=None) -> float:
+    # scikit-learn returns NaN (or raises in some versions) when expected agreement is 1 (0/0).
+    try:
+        value = float(skm.cohen_kappa_score(y_true, y_pred, weights=weights, labels=labels))
+    except (ValueError, ZeroDivisionError):
+        return float('nan')
+    return value if math.isfinite(value) else float('nan')
+
+
+def selection_value(score: float) -> float:
+    """The value model selection compares: ``score``, with NaN ranked below every number (-inf)."""
+    score = float(score)
+    return -math.inf if math.isnan(score) else score
+
+
+def per_class_report(y_true, y_pred, num_classes: int) -> dict[str, list[float]]:
+    """Per-class precision, recall, F1 (zero_division 0) and support, each a list of ``num_classes``."""
+    p, r, f, s = skm.precision_recall_fscore_support(
+        np.asarray(y_true).reshape(-1), np.asarray(y_pred).reshape(-1), labels=np.arange(num_classes),
+        zero_division=0)
+    return {'precision': p.tolist(), 'recall': r.tolist(), 'f1': f.tolist(), 'support': s.tolist()}
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """Counts ``cm[t, p]`` of samples with true class t predicted as p, shape [K, K] int64."""
+    y_true = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    y_pred = np.asarray(y_pred, dtype=np.int64).reshape(-1)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"confusion_matrix: {y_true.size} labels but {y_pred.size} predictions")
+    for arr, what in ((y_true, 'labels'), (y_pred, 'predictions')):
+        if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+            raise ValueError(f"confusion_matrix: {what} must be in [0, {num_classes}), got range "
+                             f"[{arr.min()}, {arr.max()}]")
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+def save_confusion_matrix_png(cm: np.ndarray, class_names: Sequence[str] | None, path: str,
+                              title: str = 'Confusion matrix') -> str:
+    """Write a confusion-matrix image: colour = row-normalised fraction (recall per true class), text =
+    counts. Sizes scale with the number of classes so ~40 classes stay readable. Written atomically;
+    uses matplotlib's Agg canvas directly (no pyplot, no global backend change). Returns ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(cm)
+    k = cm.shape[0]
+    if cm.shape != (k, k):
+        raise ValueError(f"save_confusion_matrix_png: cm must be square, got {cm.shape}")
+    names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(k)]
+    if len(names) != k:
+        raise ValueError(f"save_confusion_matrix_png: {len(names)} class names for {k} classes")
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
+
+    side = min(max(4.0, 0.45 * k + 2.5), 24.0)
+    font = 10 if k <= 10 else max(6, 10 - (k - 10) // 8)  # ~0.45 in per cell fits 3 digits at 7 pt
+    fig = Figure(figsize=(side + 1.2, side), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(norm, cmap='Blues', vmin=0.0, vmax=1.0, interpolation='nearest')
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label='fraction of true class')
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xticklabels(names, rotation=90 if k > 8 else 45, ha='center' if k > 8 else 'right',
+                       fontsize=font)
+    ax.set_yticklabels(names, fontsize=font)
+    ax.set_xlabel('predicted')
+    ax.set_ylabel('true')
+    ax.set_title(title)
+    for t in range(k):
+        for p in range(k):
+            if cm[t, p] or k <= 20:
+                ax.text(p, t, str(int(cm[t, p])), ha='center', va='center', fontsize=font,
+                        color='white' if norm[t, p] > 0.5 else 'black')
+    fig.tight_layout()
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix='.png.tmp')
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format='png')
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
