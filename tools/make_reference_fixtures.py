@@ -13,7 +13,7 @@ Files written to ``tests/fixtures/vit_ref/`` (about 1.7 MB in total):
   global pool, 5 classes, img 64;
 * ``finetuned_cls.pth``: same, cls-token pooling (``norm`` present, no ``fc_norm``), 3 classes, img 32;
 * ``reference.npz``: fixed inputs and the reference outputs:
-  ``x64``/``x96``/``x32`` inputs, ``logits_gp`` (finetuned_gp, eval, on x64), ``logits_cls``
+  ``x64``/``x96``/``x32`` inputs, ``pos_embed_mae_64`` (the MAE checkpoint's pos_embed), ``logits_gp`` (finetuned_gp, eval, on x64), ``logits_cls``
   (finetuned_cls on x32), ``pos_embed_96`` (MAE pos_embed resized by MAE's interpolate_pos_embed to grid
   6x6), ``features_mae_gp_96`` (MAE weights loaded into a global-pool model at img 96: pooled + fc_norm
   feature, the head's input) and ``features_mae_cls_64`` (MAE weights in a cls-token model at img 64).
@@ -140,6 +140,7 @@ def main() -> None:
     enc = reference_vit(64, 0, global_pool=False)
     enc_sd = randomise(enc.state_dict(), gen)
     mae_model = {**enc_sd, **mae_decoder(gen, num_patches=16)}
+    ref["pos_embed_mae_64"] = mae_model["pos_embed"].numpy()
     mae_args = argparse.Namespace(model="mae_vit_large_patch16", input_size=64, mask_ratio=0.75, norm_pix_loss=True,
                                   batch_size=64, epochs=800, blr=1.5e-4, weight_decay=0.05, output_dir="./out")
     torch.save({"model": mae_model, "optimizer": optimizer_state(mae_model, 1e-4), "epoch": 3,
