@@ -1,0 +1,136 @@
+"""End-to-end CLI runs on synthetic class folders with the tiny ViT: the files and numbers a user reads."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
+
+from conftest import TINY_ARGS, run_cli
+
+COLUMNS = ["val_loss", "accuracy", "f1", "roc_auc", "hamming", "jaccard", "precision", "recall",
+           "average_precision", "kappa", "kappa_quadratic", "score"]
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from conftest import make_class_folders
+
+    base = tmp_path_factory.mktemp("e2e")
+    data = make_class_folders(base / "data")
+    out = base / "out"
+    res = run_cli([*TINY_ARGS, "--data_path", data, "--nb_classes", "3", "--epochs", "2", "--output_dir", out,
+                   "--task", "tiny"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return {"data": data, "out": out, "run": out / "tiny", "proc": res}
+
+
+def test_training_writes_every_output(trained_run):
+    run = trained_run["run"]
+    for name in ["config.yaml", "run_info.json", "log.txt", "metrics_val.csv", "metrics_test.csv",
+                 "confusion_matrix_test.png", "checkpoint-best.pdparams", "checkpoint-last.pdparams",
+                 "predictions_test.csv"]:
+        assert (run / name).is_file(), f"{name} missing; have {sorted(os.listdir(run))}"
+    # log.txt: one JSON line per epoch with the reference keys
+    lines = [json.loads(x) for x in (run / "log.txt").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1]
+    for x in lines:
+        assert {"epoch", "train_lr", "train_loss", "n_parameters"} <= set(x)
+        assert np.isfinite(x["train_loss"]) and x["train_lr"] > 0 and x["n_parameters"] > 0
+    # metrics CSVs: the reference's columns first, a row per evaluation
+    val_rows = read_csv(run / "metrics_val.csv")
+    assert list(val_rows[0].keys()) == COLUMNS and len(val_rows) == 2
+    test_rows = read_csv(run / "metrics_test.csv")
+    assert len(test_rows) == 1
+    # the confusion matrix is a real PNG
+    assert (run / "confusion_matrix_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # VisualDL event file
+    assert any(n.startswith("vdlrecords") for n in os.listdir(run)), os.listdir(run)
+
+
+def test_test_metrics_match_sklearn_on_saved_predictions(trained_run):
+    run = trained_run["run"]
+    rows = read_csv(run / "predictions_test.csv")
+    y = np.array([int(r["label"]) for r in rows])
+    probs = np.array([[float(r[k]) for k in r if k.startswith("prob_")] for r in rows])
+    assert len(y) == 15  # 5 test images x 3 classes, each counted once
+    pred = probs.argmax(1)
+    m = read_csv(run / "metrics_test.csv")[0]
+    onehot = np.eye(3)[y]
+    assert float(m["accuracy"]) == pytest.approx(accuracy_score(y, pred), abs=1e-6)
+    assert float(m["f1"]) == pytest.approx(f1_score(onehot, np.eye(3)[pred], average="macro", zero_division=0),
+                                           abs=1e-6)
+    assert float(m["roc_auc"]) == pytest.approx(roc_auc_score(onehot, probs, multi_class="ovr", average="macro"),
+                                                abs=1e-4)
+    assert float(m["kappa"]) == pytest.approx(cohen_kappa_score(y, pred), abs=1e-6)
+
+
+def test_eval_resume_reproduces_saved_test_metrics(trained_run, tmp_path):
+    run = trained_run["run"]
+    res = run_cli([*TINY_ARGS, "--data_path", trained_run["data"], "--nb_classes", "3", "--eval", "--resume",
+                   run / "checkpoint-best.pdparams", "--output_dir", tmp_path, "--task", "ev"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = read_csv(run / "metrics_test.csv")[0]
+    again = read_csv(tmp_path / "ev" / "metrics_test.csv")[0]
+    for k in COLUMNS:
+        assert float(again[k]) == pytest.approx(float(saved[k]), abs=1e-6, nan_ok=True), k
+
+
+def test_resume_with_other_classes_lists_differences(trained_run, tmp_path):
+    from conftest import make_class_folders
+
+    other = make_class_folders(tmp_path / "d4", classes=("a", "b", "c", "d"))
+    res = run_cli([*TINY_ARGS, "--data_path", other, "--nb_classes", "4", "--epochs", "3", "--resume",
+                   trained_run["run"] / "checkpoint-last.pdparams", "--output_dir", tmp_path])
+    assert res.returncode == 2
+    assert "nb_classes" in res.stderr and "class_names" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--data_path", "/nonexistent/OCTID"], ["/nonexistent/OCTID"]),
+    (["--model", "retfund_mae"], ["retfound_mae"]),
+])
+def test_bad_input_is_one_clear_error(class_folders, tmp_path, args, needles):
+    base = [*TINY_ARGS, "--data_path", class_folders, "--epochs", "1", "--output_dir", tmp_path]
+    res = run_cli(base + args)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    for n in needles:
+        assert n in res.stderr
+
+
+def test_wrong_nb_classes_names_both(class_folders, tmp_path):
+    res = run_cli([*TINY_ARGS, "--data_path", class_folders, "--nb_classes", "5", "--epochs", "1",
+                   "--output_dir", tmp_path])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "3" in res.stderr and "5" in res.stderr
+
+
+def test_no_finetune_warns_random_init(trained_run):
+    assert "random" in (trained_run["proc"].stderr + trained_run["proc"].stdout).lower()
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(trained_run, tmp_path):
+    import shutil
+
+    import paddle
+
+    run = tmp_path / "nan"
+    shutil.copytree(trained_run["run"], run)
+    before = (run / "checkpoint-last.pdparams").read_bytes()
+    res = run_cli([*TINY_ARGS, "--data_path", trained_run["data"], "--nb_classes", "3", "--epochs", "4",
+                   "--lr", "1e30", "--resume", run / "checkpoint-last.pdparams", "--output_dir", tmp_path,
+                   "--task", "nan"])
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "epoch 2" in res.stderr and "step" in res.stderr and "Traceback" not in res.stderr
+    assert (run / "checkpoint-last.pdparams").read_bytes() == before
+    assert paddle.load(str(run / "checkpoint-last.pdparams"))["epoch"] == 1
