@@ -279,7 +279,8 @@ class VisionTransformer(nn.Layer):
         Drops what this model never uses (MAE ``decoder_*`` and ``mask_token``; the encoder ``norm`` in
         global-pool mode, which RETFound deletes), drops ``head.*`` when its shape differs, and resizes the
         patch part of ``pos_embed`` bicubically to this model's grid (cls token kept). Returns the new dict
-        and the keys allowed to be missing from it: the head, plus ``fc_norm`` in global-pool mode.
+        and the keys allowed to be missing from it: the head, plus ``fc_norm`` in global-pool mode when the
+        head is not loaded either (an MAE checkpoint has neither).
         """
         own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
         out: dict[str, np.ndarray] = {}
@@ -293,7 +294,11 @@ class VisionTransformer(nn.Layer):
             out[k] = v
         if "pos_embed" in out:
             out["pos_embed"] = resize_pos_embed(out["pos_embed"], self.patch_embed.grid_size)
-        allowed = set(_HEAD_KEYS) | (set(_FC_NORM_KEYS) if self.global_pool else set())
+        # A checkpoint without a head (MAE pretraining, or head dropped above) may also lack fc_norm in
+        # global-pool mode; a checkpoint whose head is used must bring the norm that head was trained after.
+        allowed = set(_HEAD_KEYS)
+        if self.global_pool and not any(k in out for k in _HEAD_KEYS):
+            allowed |= set(_FC_NORM_KEYS)
         expected_missing = {k for k in allowed if k in own and k not in out}
         return out, expected_missing
 

@@ -186,6 +186,9 @@ def test_prepare_pretrained_drops_decoder_norm_and_mismatched_head():
     out, missing = m.prepare_pretrained(sd)
     assert not any(k.startswith(("decoder_", "mask_token", "norm.", "head.")) for k in out)
     assert missing == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    # head kept (same shape) -> its fc_norm must come from the checkpoint too
+    same_head = models.create_model("vit_test", num_classes=1000, img_size=32)
+    assert same_head.prepare_pretrained(sd)[1] == set()
     cls = models.create_model("vit_test", num_classes=1000, global_pool=False, img_size=32)
     out, missing = cls.prepare_pretrained(sd)
     assert "norm.weight" in out and "head.weight" in out and missing == set()

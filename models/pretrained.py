@@ -1,0 +1,209 @@
+"""Load pretrained (MAE / RETFound) or fine-tuned weights into a registered model, with a strict key check.
+
+``load_pretrained`` is ``--finetune``: the checkpoint is read (``models.checkpoint_io``), converted to the
+Paddle layout (``models.convert``), adapted by the model's own ``prepare_pretrained`` (MAE decoder and
+mask token dropped, mismatched head dropped, ``pos_embed`` resized to the input size), then checked: the
+keys missing from it must be exactly the ones the model allows (global pool + MAE checkpoint: ``head.*`` and
+``fc_norm.*``), nothing may be left over and every shape must match; anything else is a ``UserError``
+listing the keys and shapes (Paddle's ``set_state_dict`` has no strict mode and would skip them silently).
+When the head did not come from the checkpoint it is re-initialised with ``reset_head(2e-5)``.
+
+``load_finetuned`` is ``--eval``/``--resume`` from a RETFound fine-tuned checkpoint: every key must match,
+head included, and nothing is re-initialised.
+
+A bare name (``RETFound_mae_meh``) is looked up as ``<weights_dir>/<name>.pth|.pdparams|.safetensors``;
+nothing is ever downloaded.
+
+References: rmaphoh/RETFound_MAE and facebookresearch/mae ``main_finetune.py`` (drop a mismatched head,
+``interpolate_pos_embed``, ``load_state_dict(strict=False)`` with the missing-keys assertion,
+``trunc_normal_(model.head.weight, std=2e-5)``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import paddle
+
+from util.errors import UserError
+
+WEIGHT_EXTENSIONS = (".pth", ".pdparams", ".safetensors")
+_KNOWN_EXTENSIONS = (".pth", ".pt", ".bin", ".pdparams", ".safetensors")
+RETFOUND_URL = "https://github.com/rmaphoh/RETFound_MAE"
+
+
+# ----------------------------------------------------------------------------------------------- locating
+def resolve_weights(source: str, weights_dir: str = "./weights") -> str:
+    """Path of the weights file for ``source`` (a file path or a bare weights name).
+
+    A bare name (no directory part, no known extension) is looked up in ``weights_dir`` with each of the
+    extensions ``.pth``, ``.pdparams``, ``.safetensors``. Raises ``UserError`` naming every path tried and how
+    to obtain and convert RETFound weights.
+    """
+    source = os.fspath(source)
+    ext = os.path.splitext(source)[1].lower()
+    if ext in _KNOWN_EXTENSIONS:
+        candidates = [source]
+    elif os.sep in source or "/" in source:
+        candidates = [source] + [source + e for e in WEIGHT_EXTENSIONS]
+    else:
+        candidates = [os.path.join(weights_dir, source + e) for e in WEIGHT_EXTENSIONS]
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    name = os.path.splitext(os.path.basename(source))[0] or "RETFound_mae_meh"
+    raise UserError(
+        f"pretrained weights {source!r}: no file found (looked at: {', '.join(candidates)}); "
+        f"RETFound weights are published on the Hugging Face hub (e.g. YukunZhou/RETFound_mae_meh, "
+        f"YukunZhou/RETFound_mae_natureCFP, YukunZhou/RETFound_mae_natureOCT; list at {RETFOUND_URL}) and "
+        f"cannot be downloaded from here: fetch {name}.pth on a machine with internet access, copy it into "
+        f"{weights_dir}/ and convert it once with `python -m models.convert {name}.pth "
+        f"{os.path.join(weights_dir, name)}.pdparams` (a .pth placed at {os.path.join(weights_dir, name)}.pth "
+        f"is also read directly), or pass the file's path")
+
+
+def read_paddle_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a checkpoint file and return its model state dict in the Paddle layout, plus the convert report.
+
+    ``.pdparams`` files are taken as Paddle layout; ``.pth``/``.pt``/``.bin``/``.safetensors`` as PyTorch layout
+    (Linear weights transposed by ``models.convert``).
+    """
+    from models.checkpoint_io import read_checkpoint
+    from models.convert import to_paddle_state_dict
+
+    source_format = "paddle" if path.lower().endswith(".pdparams") else "torch"
+    obj = read_checkpoint(path, keys=("model", "state_dict"))
+    sd, report = to_paddle_state_dict(obj, source_format)
+    return sd, report
+
+
+# ----------------------------------------------------------------------------------------------- checking
+def _fmt_keys(keys: list[str], shapes: dict[str, tuple] | None = None, limit: int = 12) -> str:
+    shown = [f"{k} {list(shapes[k])}" if shapes and k in shapes else k for k in keys[:limit]]
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return "[" + ", ".join(shown) + more + "]"
+
+
+def _check_keys(where: str, own: dict[str, tuple], sd: dict[str, np.ndarray], allowed_missing: set[str],
+                global_pool: bool | None) -> list[str]:
+    """Raise ``UserError`` unless ``sd`` fits ``own`` up to ``allowed_missing``; return the missing keys."""
+    missing = sorted(k for k in own if k not in sd)
+    unexpected = sorted(k for k in sd if k not in own)
+    bad_missing = [k for k in missing if k not in allowed_missing]
+    mismatched = sorted(k for k in sd if k in own and tuple(sd[k].shape) != own[k])
+    if not (bad_missing or unexpected or mismatched):
+        return missing
+    parts = []
+    if bad_missing:
+        parts.append(f"missing from the checkpoint {_fmt_keys(bad_missing, own)}")
+    if unexpected:
+        parts.append(f"not in the model {_fmt_keys(unexpected, {k: tuple(sd[k].shape) for k in unexpected})}")
+    if mismatched:
+        shown = [f"{k}: checkpoint {list(sd[k].shape)} vs model {list(own[k])}" for k in mismatched[:12]]
+        parts.append("shape mismatch [" + "; ".join(shown) + (", ..." if len(mismatched) > 12 else "") + "]")
+    hint = "use a checkpoint of the same architecture (--model) and the matching --input_size / --nb_classes"
+    if global_pool is False and any(k.startswith("fc_norm.") for k in unexpected):
+        hint = "the checkpoint was trained with global pooling: pass --global_pool"
+    elif global_pool is True and any(k.startswith("fc_norm.") for k in bad_missing):
+        hint = ("the checkpoint has a head but no fc_norm, so it was trained with cls-token pooling: pass "
+                "--no-global_pool (or drop its head.* keys to fine-tune it as a backbone)")
+    raise UserError(f"{where}: checkpoint does not fit the model ({'; '.join(parts)}; "
+                    f"expected the model's parameter names and shapes); {hint}")
+
+
+def _assign(model: paddle.nn.Layer, sd: dict[str, np.ndarray]) -> None:
+    """Copy arrays into the model's parameters/buffers by name (cast to each tensor's dtype)."""
+    own = model.state_dict()
+    with paddle.no_grad():
+        for k, v in sd.items():
+            t = own[k]
+            arr = np.ascontiguousarray(v)
+            dtype = _np_dtype(t)
+            t.set_value(arr if arr.dtype == dtype else arr.astype(dtype))
+
+
+def _np_dtype(t: paddle.Tensor) -> np.dtype:
+    return {paddle.float32: np.float32, paddle.float16: np.float16, paddle.float64: np.float64,
+            paddle.int64: np.int64, paddle.int32: np.int32, paddle.bool: np.bool_}.get(t.dtype, np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def load_pretrained(model: paddle.nn.Layer, source: str, weights_dir: str = "./weights",
+                    reinit_head: bool | None = None, verbose: bool = True) -> dict[str, Any]:
+    """Load pretrained weights for fine-tuning (``--finetune``).
+
+    Args:
+        model: a registered model (implements ``prepare_pretrained`` and ``reset_head``).
+        source: a weights file (.pth MAE pretraining checkpoint, fine-tuned RETFound checkpoint or bare state
+            dict; .pdparams; .safetensors) or a bare name looked up in ``weights_dir``.
+        weights_dir: where bare names are looked up.
+        reinit_head: ``None`` (default) re-initialises the head (trunc normal std 2e-5, bias 0) only when it did
+            not come from the checkpoint; ``True`` always, as RETFound's ``main_finetune.py`` does for the
+            head weight; ``False`` never.
+        verbose: print a short summary.
+
+    Returns:
+        A report: ``path``, ``format``, ``loaded`` / ``dropped`` / ``missing`` key lists, ``head_reset``,
+        ``pos_embed_resized`` (``(old_grid, new_grid)`` or ``None``) and ``convert`` (the converter's report).
+    """
+    path = resolve_weights(source, weights_dir)
+    sd, convert_report = read_paddle_state_dict(path)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    new_sd, allowed_missing = model.prepare_pretrained(sd)
+    dropped = sorted(k for k in sd if k not in new_sd)
+    missing = _check_keys(path, own, new_sd, set(allowed_missing), getattr(model, "global_pool", None))
+    _assign(model, new_sd)
+
+    head_keys = [k for k in own if k.startswith("head.")]
+    head_loaded = bool(head_keys) and all(k in new_sd for k in head_keys)
+    head_reset = (not head_loaded) if reinit_head is None else bool(reinit_head)
+    if head_reset and hasattr(model, "reset_head"):
+        model.reset_head(2e-5)
+
+    resized = None
+    if "pos_embed" in sd and "pos_embed" in new_sd and sd["pos_embed"].shape != new_sd["pos_embed"].shape:
+        old_n, new_n = sd["pos_embed"].shape[1] - 1, new_sd["pos_embed"].shape[1] - 1
+        resized = (int(round(old_n ** 0.5)), int(round(new_n ** 0.5)))
+    report = {"path": path, "format": "paddle" if path.lower().endswith(".pdparams") else "torch",
+              "loaded": sorted(new_sd), "dropped": dropped, "missing": missing, "head_reset": head_reset,
+              "pos_embed_resized": resized, "convert": convert_report}
+    if verbose:
+        print(summarize(report))
+    return report
+
+
+def load_finetuned(model: paddle.nn.Layer, source: str, weights_dir: str = "./weights",
+                   verbose: bool = True) -> dict[str, Any]:
+    """Load a fine-tuned checkpoint for evaluation or resuming: every key and shape must match, head included."""
+    path = resolve_weights(source, weights_dir)
+    sd, convert_report = read_paddle_state_dict(path)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_keys(path, own, sd, set(), getattr(model, "global_pool", None))
+    _assign(model, sd)
+    report = {"path": path, "format": "paddle" if path.lower().endswith(".pdparams") else "torch",
+              "loaded": sorted(sd), "dropped": [], "missing": [], "head_reset": False, "pos_embed_resized": None,
+              "convert": convert_report}
+    if verbose:
+        print(summarize(report))
+    return report
+
+
+def summarize(report: dict[str, Any]) -> str:
+    """One-paragraph human summary of a load report."""
+    lines = [f"Loaded {len(report['loaded'])} tensors from {report['path']} ({report['format']} layout)"]
+    if report["dropped"]:
+        groups: dict[str, int] = {}
+        for k in report["dropped"]:
+            g = k.split(".")[0]
+            g = "decoder_*" if g.startswith("decoder_") else g + ".*" if "." in k else g
+            groups[g] = groups.get(g, 0) + 1
+        lines.append("  dropped (unused by this model): " + ", ".join(f"{g} ({n})" for g, n in sorted(groups.items())))
+    if report["missing"]:
+        lines.append("  not in checkpoint (kept at init): " + ", ".join(report["missing"]))
+    if report["pos_embed_resized"]:
+        o, n = report["pos_embed_resized"]
+        lines.append(f"  pos_embed resized bicubic {o}x{o} -> {n}x{n} patch grid (cls token kept)")
+    if report["head_reset"]:
+        lines.append("  head re-initialised: trunc_normal(std=2e-5), bias 0")
+    return "\n".join(lines)
