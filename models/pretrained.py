@@ -67,15 +67,14 @@ def read_paddle_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict]:
     """Read a checkpoint file and return its model state dict in the Paddle layout, plus the convert report.
 
     ``.pdparams`` files are taken as Paddle layout; ``.pth``/``.pt``/``.bin``/``.safetensors`` as PyTorch layout
-    (Linear weights transposed by ``models.convert``).
+    (Linear weights transposed by ``models.convert``). Arrays may be read-only views into the file.
     """
     from models.checkpoint_io import read_checkpoint
-    from models.convert import to_paddle_state_dict
+    from models.convert import STATE_DICT_KEYS, source_format_for, to_paddle_state_dict
 
-    source_format = "paddle" if path.lower().endswith(".pdparams") else "torch"
-    obj = read_checkpoint(path, keys=("model", "state_dict"))
-    sd, report = to_paddle_state_dict(obj, source_format)
-    return sd, report
+    obj = read_checkpoint(path, keys=STATE_DICT_KEYS)   # optimizer state is never read
+    # transposed views, not copies: _assign makes each array contiguous one at a time (peak ~ one tensor)
+    return to_paddle_state_dict(obj, source_format_for(path), copy=False)
 
 
 # ----------------------------------------------------------------------------------------------- checking

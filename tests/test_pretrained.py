@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-import types
 
 import numpy as np
 import paddle
@@ -22,24 +20,6 @@ FIX = os.path.join(os.path.dirname(__file__), "fixtures", "vit_ref")
 MAE = os.path.join(FIX, "mae_pretrain.pth")
 FT_GP = os.path.join(FIX, "finetuned_gp.pth")
 FT_CLS = os.path.join(FIX, "finetuned_cls.pth")
-
-
-@pytest.fixture(autouse=True)
-def _converter_stand_in(monkeypatch):
-    """Until models/convert.py lands, stand in for its torch->Paddle rule (transpose 2-D Linear weights)."""
-    try:
-        import models.convert  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("models.convert")
-
-        def to_paddle_state_dict(obj, source_format):
-            sd = obj.get("model", obj.get("state_dict", obj))
-            out = {k: np.ascontiguousarray(v.T if source_format == "torch" and v.ndim == 2 and k.endswith(".weight")
-                                           else v) for k, v in sd.items()}
-            return out, {}
-
-        stub.to_paddle_state_dict = to_paddle_state_dict
-        monkeypatch.setitem(sys.modules, "models.convert", stub)
 
 
 @pytest.fixture(scope="module")
