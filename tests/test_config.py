@@ -1,0 +1,213 @@
+"""util.config: precedence default < YAML preset < CLI, YAML checking and coercion, reference command line."""
+import argparse
+import os
+import shlex
+
+import pytest
+import yaml
+
+from util.config import config_to_dict, get_args_parser, load_yaml_preset, resolve_config, save_config
+from util.errors import UserError
+
+# REFERENCE.md section 1, with `python` in place of torchrun.
+REFERENCE_CMD = """main_finetune.py --model RETFound_mae --savemodel --global_pool --batch_size 16 --world_size 1
+  --epochs 100 --blr 5e-3 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.2 --nb_classes 5
+  --data_path ./IDRiD --input_size 224 --task RETFound_mae_meh-IDRiD --finetune RETFound_mae_meh"""
+
+
+def _yaml(tmp_path, text, name='preset.yaml'):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_reference_command_line_parses_unchanged():
+    argv = shlex.split(REFERENCE_CMD)[1:]
+    cfg = resolve_config(argv)
+    assert cfg.model == 'RETFound_mae' and cfg.savemodel is True and cfg.global_pool is True
+    assert (cfg.batch_size, cfg.epochs, cfg.nb_classes, cfg.input_size, cfg.world_size) == (16, 100, 5, 224, 1)
+    assert (cfg.blr, cfg.layer_decay, cfg.weight_decay, cfg.drop_path) == (5e-3, 0.65, 0.05, 0.2)
+    assert cfg.data_path == './IDRiD' and cfg.task == 'RETFound_mae_meh-IDRiD'
+    assert cfg.finetune == 'RETFound_mae_meh' and cfg.lr is None
+
+
+def test_recipe_defaults():
+    cfg = resolve_config(['--data_path', 'x'])
+    expected = dict(batch_size=16, epochs=100, accum_iter=1, model='retfound_mae', input_size=224, drop_path=0.2,
+                    clip_grad=None, weight_decay=0.05, lr=None, blr=5e-3, layer_decay=0.65, min_lr=1e-6,
+                    warmup_epochs=10.0, color_jitter=None, aa='rand-m9-mstd0.5-inc1', smoothing=0.1,
+                    reprob=0.25, remode='pixel', recount=1, resplit=False, mixup=0.0, cutmix=0.0,
+                    cutmix_minmax=None, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode='batch', finetune='',
+                    weights_dir='./weights', task='', global_pool=True, nb_classes=None, output_dir='./output_dir',
+                    log_dir=None, device='auto', seed=0, resume='', start_epoch=0, eval=False, dist_eval=False,
+                    num_workers=10, pin_mem=True, world_size=1, local_rank=-1, dist_on_itp=False,
+                    dist_url='env://', savemodel=True, amp=False, amp_dtype='float16', print_freq=20)
+    got = vars(cfg)
+    for key, value in expected.items():
+        assert got[key] == value, key
+        assert type(got[key]) is type(value), key
+    assert set(got) == set(expected) | {'config', 'data_path'}
+
+
+def test_precedence_default_yaml_cli(tmp_path):
+    path = _yaml(tmp_path, "data_path: from_yaml\nbatch_size: 8\nblr: 1e-3\nglobal_pool: false\n"
+                           "aa: ''\nclip_grad: 1\nremode: rand\nepochs: 50\n")
+    cfg = resolve_config(['--config', path])
+    assert (cfg.data_path, cfg.batch_size, cfg.blr, cfg.global_pool, cfg.aa) == ('from_yaml', 8, 1e-3, False, '')
+    assert cfg.clip_grad == 1.0 and isinstance(cfg.clip_grad, float)
+    assert cfg.remode == 'rand' and cfg.epochs == 50
+    assert cfg.weight_decay == 0.05 and cfg.layer_decay == 0.65          # untouched defaults
+
+    cfg = resolve_config(['--config', path, '--batch_size', '32', '--blr', '2e-3', '--global_pool',
+                          '--data_path', 'cli', '--remode', 'pixel', '--aa', 'rand-m7'])
+    assert (cfg.batch_size, cfg.blr, cfg.global_pool, cfg.data_path) == (32, 2e-3, True, 'cli')
+    assert cfg.remode == 'pixel' and cfg.aa == 'rand-m7' and cfg.epochs == 50
+    # a CLI value equal to the parser default still beats the YAML (explicit, not "differs from default")
+    cfg = resolve_config(['--config', path, '--batch_size', '16', '--epochs', '100'])
+    assert cfg.batch_size == 16 and cfg.epochs == 100
+    # flag order does not matter
+    cfg = resolve_config(['--batch_size', '4', '--config', path])
+    assert cfg.batch_size == 4
+
+
+def test_reference_negative_spellings(tmp_path):
+    assert resolve_config(['--data_path', 'x', '--cls_token']).global_pool is False
+    assert resolve_config(['--data_path', 'x', '--no-global_pool']).global_pool is False
+    assert resolve_config(['--data_path', 'x', '--no_pin_mem']).pin_mem is False
+    assert resolve_config(['--data_path', 'x', '--no-savemodel']).savemodel is False
+    assert resolve_config(['--data_path', 'x', '--amp', '--eval']).amp is True
+    path = _yaml(tmp_path, "data_path: d\nglobal_pool: false\n")
+    assert resolve_config(['--config', path, '--global_pool']).global_pool is True
+    path = _yaml(tmp_path, "data_path: d\ncls_token: true\nno_pin_mem: true\n", 'alias.yaml')
+    cfg = resolve_config(['--config', path])
+    assert cfg.global_pool is False and cfg.pin_mem is False
+
+
+def test_yaml_number_strings_are_coerced(tmp_path):
+    # PyYAML (YAML 1.1) reads 5e-4 and 1e2 as strings
+    assert yaml.safe_load("lr: 5e-4")['lr'] == '5e-4'
+    path = _yaml(tmp_path, "data_path: d\nlr: 5e-4\nmin_lr: 1e-7\nepochs: 1e2\nwarmup_epochs: 2\n"
+                           "cutmix_minmax: null\nnb_classes: '5'\n")
+    cfg = resolve_config(['--config', path])
+    assert cfg.lr == 5e-4 and isinstance(cfg.lr, float)
+    assert cfg.min_lr == 1e-7
+    assert cfg.epochs == 100 and isinstance(cfg.epochs, int)
+    assert cfg.warmup_epochs == 2.0 and isinstance(cfg.warmup_epochs, float)
+    assert cfg.nb_classes == 5
+
+
+@pytest.mark.parametrize('text,match', [
+    ("batch_sise: 8\n", "did you mean 'batch_size'"),
+    ("layerdecay: 0.5\n", "did you mean 'layer_decay'"),
+    ("batch_size: 8.5\n", 'batch_size'),
+    ("batch_size: true\n", 'batch_size'),
+    ("epochs: many\n", 'epochs'),
+    ("global_pool: maybe\n", 'true or false'),
+    ("remode: pixl\n", "did you mean 'pixel'"),
+    ("device: tpu\n", 'tpu'),
+    ("batch_size: null\n", 'null is not allowed'),
+    ("cutmix_minmax: 0.2\n", 'list of 2'),
+    ("- a\n- b\n", 'mapping'),
+    ("config: other.yaml\n", 'cannot name another preset'),
+    ("a: [\n", 'not valid YAML'),
+])
+def test_bad_yaml_is_a_user_error(tmp_path, text, match):
+    path = _yaml(tmp_path, "" + text)
+    with pytest.raises(UserError, match=match):
+        resolve_config(['--config', path, '--data_path', 'd'])
+
+
+def test_unknown_key_message_format(tmp_path):
+    path = _yaml(tmp_path, "data_path: d\nbatch_sise: 8\n")
+    with pytest.raises(UserError) as err:
+        resolve_config(['--config', path])
+    msg = str(err.value)
+    assert msg.startswith(f'--config {path}: unknown key') and 'batch_size' in msg
+
+
+def test_missing_preset_file(tmp_path):
+    with pytest.raises(UserError, match='file not found'):
+        resolve_config(['--config', str(tmp_path / 'nope.yaml'), '--data_path', 'd'])
+
+
+def test_cli_errors_are_user_errors_with_suggestions():
+    with pytest.raises(UserError, match='did you mean --batch_size'):
+        resolve_config(['--data_path', 'd', '--batch_sise', '3'])
+    with pytest.raises(UserError, match='invalid choice'):
+        resolve_config(['--data_path', 'd', '--remode', 'zeros'])
+    with pytest.raises(UserError, match='invalid int'):
+        resolve_config(['--data_path', 'd', '--epochs', '1.5'])
+    with pytest.raises(UserError):  # no abbreviations: --warmup is not --warmup_epochs
+        resolve_config(['--data_path', 'd', '--warmup', '3'])
+
+
+def test_device_aliases():
+    assert resolve_config(['--data_path', 'd', '--device', 'cuda']).device == 'gpu'
+    assert resolve_config(['--data_path', 'd', '--device', 'CPU']).device == 'cpu'
+
+
+@pytest.mark.parametrize('argv,match', [
+    ([], '--data_path'),
+    (['--batch_size', '0'], '--batch_size'),
+    (['--epochs', '-1'], '--epochs'),
+    (['--accum_iter', '0'], '--accum_iter'),
+    (['--layer_decay', '1.5'], '--layer_decay'),
+    (['--warmup_epochs', '20', '--epochs', '10'], '--warmup_epochs'),
+    (['--mixup', '0.8'], 'not implemented'),
+    (['--cutmix', '1.0'], 'not implemented'),
+    (['--cutmix_minmax', '0.2', '0.8'], 'not implemented'),
+    (['--drop_path', '1.0'], '--drop_path'),
+    (['--lr', '0'], '--lr'),
+    (['--lr', 'nan'], '--lr'),
+    (['--clip_grad', '-1'], '--clip_grad'),
+    (['--smoothing', '1.0'], '--smoothing'),
+    (['--min_lr', '1e-2'], '--min_lr'),
+    (['--start_epoch', '100'], '--start_epoch'),
+    (['--nb_classes', '0'], '--nb_classes'),
+])
+def test_validation(argv, match):
+    if argv:
+        argv = ['--data_path', 'd'] + argv
+    with pytest.raises(UserError, match=match):
+        resolve_config(argv)
+
+
+def test_validation_accepts_edge_values():
+    cfg = resolve_config(['--data_path', 'd', '--epochs', '3', '--warmup_epochs', '3', '--layer_decay', '1',
+                          '--warmup_epochs', '0.5', '--start_epoch', '100', '--epochs', '100', '--eval'])
+    assert cfg.warmup_epochs == 0.5 and cfg.layer_decay == 1.0
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    path = _yaml(tmp_path, "data_path: d\nlr: 5e-4\ncutmix_minmax: null\naa: ''\n")
+    cfg = resolve_config(['--config', path, '--batch_size', '8', '--cls_token', '--clip_grad', '1.0',
+                          '--nb_classes', '5', '--no_pin_mem'])
+    out = save_config(cfg, str(tmp_path / 'run' / 'config.yaml'))
+    assert os.listdir(tmp_path / 'run') == ['config.yaml']
+    loaded = yaml.safe_load(open(out))
+    assert loaded == config_to_dict(cfg) and 'config' not in loaded
+    again = resolve_config(['--config', out])
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert again.global_pool is False and again.pin_mem is False and again.lr == 5e-4
+
+
+def test_every_flag_is_settable_from_yaml(tmp_path):
+    parser = get_args_parser()
+    dests = {a.dest for a in parser._actions} - {'help', 'config'}
+    saved = save_config(resolve_config(['--data_path', 'd']), str(tmp_path / 'c.yaml'))
+    assert set(load_yaml_preset(saved)) == dests
+
+
+@pytest.mark.parametrize('preset', sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), '..',
+                                                                             'configs')) if f.endswith('.yaml')))
+def test_shipped_presets_resolve(preset):
+    path = os.path.join(os.path.dirname(__file__), '..', 'configs', preset)
+    cfg = resolve_config(['--config', path])
+    assert cfg.data_path
+
+
+def test_parser_help_mentions_launcher_note(capsys):
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(['--help'])
+    out = capsys.readouterr().out
+    assert '--world_size' in out and 'ignored' in out and '--cls_token' in out

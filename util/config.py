@@ -1,0 +1,363 @@
+"""Command-line / YAML configuration of fine-tuning, resolved once, validated, and saved with the run.
+
+Precedence: parser defaults < YAML preset (``--config preset.yaml``) < flags given on the command line.
+Flags keep the RETFound reference spellings (so its command lines paste unchanged) and its recipe defaults.
+YAML keys are the flag names without dashes (``batch_size: 16``); unknown keys are errors with the close
+matches; values go through the flag's type (PyYAML reads ``5e-4`` as a string) and choices. Booleans are
+``--x / --no-x`` pairs and ``x: true/false`` in YAML. Derived values (the effective LR) are not stored here:
+``util.lr_sched.effective_lr`` computes them in one place.
+
+References: RETFound_MAE main_finetune.py get_args_parser (flag names and defaults), facebookresearch/mae.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+from typing import Any
+
+import yaml
+
+from util.errors import UserError, close_matches
+
+_LAUNCHER_NOTE = "accepted for compatibility with the reference launcher and ignored"
+
+# YAML spellings of reference flags that store the negation of another option: key -> (dest, negate).
+_YAML_ALIASES = {'cls_token': ('global_pool', True), 'no_pin_mem': ('pin_mem', True)}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UserError (with close matches for misspelt flags) instead of exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        hint = ''
+        if message.startswith('unrecognized arguments:'):
+            flags = [o for a in self._actions for o in a.option_strings]
+            for tok in message.split(':', 1)[1].split():
+                if tok.startswith('--'):
+                    near = close_matches(tok.split('=')[0], flags)
+                    if near:
+                        hint += f" ({tok}: did you mean {', '.join(near)}?)"
+        raise UserError(f"command line: {message}{hint}; see --help for the accepted flags")
+
+
+def _device(value: str) -> str:
+    value = str(value).strip().lower()
+    return 'gpu' if value.startswith('cuda') else value
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The fine-tuning argument parser with every reference flag and the RETFound recipe defaults."""
+    p = _Parser('RETFound fine-tuning (PaddlePaddle)', allow_abbrev=False,
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b = argparse.BooleanOptionalAction
+    p.add_argument('--config', default=None, type=str,
+                   help='YAML preset: keys are flag names (batch_size: 16); command-line flags override it')
+
+    g = p.add_argument_group('training')
+    g.add_argument('--batch_size', default=16, type=int,
+                   help='batch size per process (effective batch = batch_size * accum_iter * processes)')
+    g.add_argument('--epochs', default=100, type=int)
+    g.add_argument('--accum_iter', default=1, type=int, help='gradient accumulation steps per optimizer step')
+    g.add_argument('--print_freq', default=20, type=int, help='log every N iterations')
+    g.add_argument('--amp', default=False, action=b, help='automatic mixed precision (GPU only)')
+    g.add_argument('--amp_dtype', default='float16', choices=['float16', 'bfloat16'])
+
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='retfound_mae', type=str,
+                   help='registered model name (reference spellings such as RETFound_mae resolve too)')
+    g.add_argument('--input_size', default=224, type=int, help='image size')
+    g.add_argument('--drop_path', default=0.2, type=float, help='stochastic depth rate')
+    g.add_argument('--global_pool', default=True, action=b,
+                   help='mean-pool the patch tokens (+ fc_norm); --no-global_pool uses the cls token')
+    g.add_argument('--cls_token', action='store_false', dest='global_pool',
+                   help='reference spelling of --no-global_pool')
+
+    g = p.add_argument_group('optimizer')
+    g.add_argument('--clip_grad', default=None, type=float, help='clip gradients to this global L2 norm')
+    g.add_argument('--weight_decay', default=0.05, type=float)
+    g.add_argument('--lr', default=None, type=float, help='absolute peak LR (overrides --blr)')
+    g.add_argument('--blr', default=5e-3, type=float,
+                   help='base LR: peak LR = blr * effective batch size / 256')
+    g.add_argument('--layer_decay', default=0.65, type=float, help='layer-wise LR decay')
+    g.add_argument('--min_lr', default=1e-6, type=float, help='LR at the end of the cosine schedule')
+    g.add_argument('--warmup_epochs', default=10.0, type=float, help='linear warmup epochs (fractions allowed)')
+
+    g = p.add_argument_group('augmentation')
+    g.add_argument('--color_jitter', default=None, type=float,
+                   help='colour jitter factor (used only when --aa is disabled)')
+    g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', type=str,
+                   help="RandAugment policy (timm syntax); '' or 'none' disables it")
+    g.add_argument('--smoothing', default=0.1, type=float,
+                   help='label smoothing (0.1 as in the 2023/24 RETFound reference; the 2025 reference uses 0)')
+    g.add_argument('--reprob', default=0.25, type=float, help='random erasing probability')
+    g.add_argument('--remode', default='pixel', choices=['pixel', 'rand', 'const'], help='random erasing mode')
+    g.add_argument('--recount', default=1, type=int, help='random erasing count')
+    g.add_argument('--resplit', default=False, action=b,
+                   help='accepted for compatibility (only matters for the first erasing split, unused here)')
+    g.add_argument('--mixup', default=0.0, type=float, help='mixup alpha (not implemented yet: must be 0)')
+    g.add_argument('--cutmix', default=0.0, type=float, help='cutmix alpha (not implemented yet: must be 0)')
+    g.add_argument('--cutmix_minmax', default=None, type=float, nargs=2, metavar=('MIN', 'MAX'),
+                   help='cutmix min/max ratio (not implemented yet)')
+    g.add_argument('--mixup_prob', default=1.0, type=float)
+    g.add_argument('--mixup_switch_prob', default=0.5, type=float)
+    g.add_argument('--mixup_mode', default='batch', choices=['batch', 'pair', 'elem'])
+
+    g = p.add_argument_group('weights and data')
+    g.add_argument('--finetune', default='', type=str,
+                   help='pre-trained weights: a local file, or a name such as RETFound_mae_meh looked up in '
+                        '--weights_dir')
+    g.add_argument('--weights_dir', default='./weights', type=str, help='where named weights are looked up')
+    g.add_argument('--task', default='', type=str,
+                   help='run folder name under --output_dir (default: derived from model and data)')
+    g.add_argument('--data_path', default=None, type=str,
+                   help='class-folder root (<root>/train|val|test/<class>/) or .npz file; required')
+    g.add_argument('--nb_classes', default=None, type=int, help='number of classes (default: from the data)')
+    g.add_argument('--output_dir', default='./output_dir', type=str)
+    g.add_argument('--log_dir', default=None, type=str, help='VisualDL log folder (default: none)')
+
+    g = p.add_argument_group('run')
+    g.add_argument('--device', default='auto', type=_device, choices=['auto', 'cpu', 'gpu'],
+                   help="'auto' uses a GPU when Paddle sees one ('cuda' means gpu)")
+    g.add_argument('--seed', default=0, type=int, help='random seed (+ process rank)')
+    g.add_argument('--resume', default='', type=str, help='checkpoint to resume from')
+    g.add_argument('--start_epoch', default=0, type=int)
+    g.add_argument('--eval', default=False, action=b, help='only evaluate (on the test split)')
+    g.add_argument('--dist_eval', default=False, action=b,
+                   help='accepted for compatibility: distributed evaluation is always exact here')
+    g.add_argument('--num_workers', default=10, type=int, help='data loader worker processes')
+    g.add_argument('--pin_mem', default=True, action=b, help='pin host memory for faster GPU copies')
+    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='reference spelling of --no-pin_mem')
+    g.add_argument('--savemodel', default=True, action=b, help='save the best checkpoint')
+
+    g = p.add_argument_group('launcher (' + _LAUNCHER_NOTE + '; the launcher sets the environment)')
+    g.add_argument('--world_size', default=1, type=int, help=_LAUNCHER_NOTE)
+    g.add_argument('--local_rank', default=-1, type=int, help=_LAUNCHER_NOTE)
+    g.add_argument('--dist_on_itp', default=False, action=b, help=_LAUNCHER_NOTE)
+    g.add_argument('--dist_url', default='env://', type=str, help=_LAUNCHER_NOTE)
+    return p
+
+
+def _primary_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """dest -> the action that defines it (the first one; later ones are reference spellings)."""
+    out: dict[str, argparse.Action] = {}
+    for a in parser._actions:
+        if a.dest in ('help', 'config') or a.dest in out:
+            continue
+        out[a.dest] = a
+    return out
+
+
+def _is_bool(action: argparse.Action) -> bool:
+    return isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction,
+                               argparse._StoreFalseAction))
+
+
+def _type_name(action: argparse.Action) -> str:
+    if _is_bool(action):
+        return 'true or false'
+    name = getattr(action.type, '__name__', 'str') if action.type else 'str'
+    name = 'str' if name == '_device' else name
+    if action.nargs not in (None, '?'):
+        return f"a list of {action.nargs} {name} values"
+    return f"a {name}" + (f" in {list(action.choices)}" if action.choices else '')
+
+
+def _coerce_scalar(value: Any, action: argparse.Action, where: str) -> Any:
+    bad = UserError(f"{where}: {value!r} is not valid (expected {_type_name(action)}); fix the value")
+    typ = action.type or str
+    if isinstance(value, bool) or isinstance(value, (list, dict)):
+        raise bad
+    try:
+        if typ is int:
+            if isinstance(value, str):
+                value = value.strip()
+                try:
+                    return int(value)
+                except ValueError:
+                    value = float(value)
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise bad
+                return int(value)
+            return int(value)
+        if typ is float:
+            return float(value)
+        return typ(value if isinstance(value, str) else str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise bad from None
+
+
+def _coerce(key: str, value: Any, action: argparse.Action, where: str) -> Any:
+    where = f"{where}: {key}"
+    if value is None:
+        if action.default is None:
+            return None
+        raise UserError(f"{where}: null is not allowed (expected {_type_name(action)}); remove the line to use "
+                        f"the default {action.default!r}")
+    if _is_bool(action):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ('true', 'false'):
+            return value.strip().lower() == 'true'
+        raise UserError(f"{where}: {value!r} is not valid (expected true or false); fix the value")
+    if action.nargs not in (None, '?'):
+        if not isinstance(value, (list, tuple)) or len(value) != action.nargs:
+            raise UserError(f"{where}: {value!r} is not valid (expected {_type_name(action)}); write it as "
+                            f"[a, b]")
+        return [_coerce_scalar(v, action, where) for v in value]
+    value = _coerce_scalar(value, action, where)
+    if action.choices is not None and value not in action.choices:
+        near = close_matches(str(value), [str(c) for c in action.choices])
+        hint = f"did you mean {near[0]!r}? " if near else ''
+        raise UserError(f"{where}: {value!r} is not one of {list(action.choices)}; {hint}fix the value")
+    return value
+
+
+def load_yaml_preset(path: str, parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
+    """Read a YAML preset into {dest: typed value}; unknown keys and bad values raise UserError."""
+    parser = parser or get_args_parser()
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path}: file not found; pass the path of a YAML preset (see configs/)")
+    try:
+        with open(path, encoding='utf8') as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path}: not valid YAML ({exc}); fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: top level is a {type(data).__name__} (expected a mapping of flag "
+                        f"names to values, e.g. 'batch_size: 16'); fix the file")
+    actions = _primary_actions(parser)
+    out: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).lstrip('-').replace('-', '_')
+        if key == 'config':
+            raise UserError(f"--config {path}: a preset cannot name another preset ('config' key); remove it")
+        negate = False
+        if key in _YAML_ALIASES:
+            key, negate = _YAML_ALIASES[key]
+        if key not in actions:
+            near = close_matches(key, list(actions) + list(_YAML_ALIASES))
+            hint = f"did you mean {', '.join(repr(n) for n in near)}? " if near else ''
+            raise UserError(f"--config {path}: unknown key {raw_key!r} (expected a flag name without dashes); "
+                            f"{hint}see --help for the flags")
+        if key in out:
+            raise UserError(f"--config {path}: {key!r} is set twice; keep one")
+        value = _coerce(str(raw_key), value, actions[key], f"--config {path}")
+        out[key] = (not value) if negate else value
+    return out
+
+
+def _explicit_cli(argv: list[str]) -> dict[str, Any]:
+    """Only the options given on the command line (parsed with every default suppressed)."""
+    parser = get_args_parser()
+    for a in parser._actions:
+        a.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def resolve_config(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``), apply the ``--config`` preset under the explicit flags,
+    validate, and return the namespace. Raises UserError on any problem."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = get_args_parser()
+    cfg = parser.parse_args(argv)
+    if cfg.config:
+        explicit = _explicit_cli(argv)
+        for key, value in load_yaml_preset(cfg.config, parser).items():
+            if key not in explicit:
+                setattr(cfg, key, value)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: argparse.Namespace) -> None:
+    """Check values that argparse cannot (ranges, combinations); raise UserError naming the flag."""
+    def fail(flag: str, what: str, expected: str, fix: str) -> None:
+        raise UserError(f"--{flag} {getattr(cfg, flag)!r}: {what} ({expected}); {fix}")
+
+    if not cfg.data_path:
+        raise UserError("--data_path: missing (a class-folder root or a .npz file is required); pass "
+                        "--data_path <path> or set data_path in the --config preset")
+    for flag in ('batch_size', 'epochs', 'accum_iter', 'input_size', 'recount', 'print_freq', 'world_size'):
+        if getattr(cfg, flag) < 1:
+            fail(flag, 'out of range', 'expected a positive integer', f'pass --{flag} 1 or more')
+    for flag in ('num_workers', 'start_epoch', 'seed'):
+        if getattr(cfg, flag) < 0:
+            fail(flag, 'is negative', 'expected 0 or more', f'pass --{flag} 0 or more')
+    finite = ['drop_path', 'weight_decay', 'blr', 'layer_decay', 'min_lr', 'warmup_epochs', 'smoothing',
+              'reprob', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob']
+    for flag in finite + ['lr', 'clip_grad', 'color_jitter']:
+        v = getattr(cfg, flag)
+        if v is not None and not math.isfinite(v):
+            fail(flag, 'is not a finite number', 'expected a finite number', 'fix the value')
+    for flag in ('weight_decay', 'min_lr', 'warmup_epochs'):
+        if getattr(cfg, flag) < 0:
+            fail(flag, 'is negative', 'expected 0 or more', 'fix the value')
+    if cfg.blr <= 0:
+        fail('blr', 'out of range', 'expected > 0', 'pass a positive base LR, e.g. --blr 5e-3')
+    if cfg.lr is not None and cfg.lr <= 0:
+        fail('lr', 'out of range', 'expected > 0', 'pass a positive LR or leave --lr out to use --blr')
+    if cfg.clip_grad is not None and cfg.clip_grad <= 0:
+        fail('clip_grad', 'out of range', 'expected > 0', 'pass a positive max norm or leave --clip_grad out')
+    if cfg.color_jitter is not None and cfg.color_jitter < 0:
+        fail('color_jitter', 'is negative', 'expected 0 or more', 'fix the value')
+    if not 0.0 <= cfg.layer_decay <= 1.0:
+        fail('layer_decay', 'out of range', 'expected 0 <= layer_decay <= 1; 1 disables the decay',
+             'e.g. --layer_decay 0.65')
+    if not 0.0 <= cfg.drop_path < 1.0:
+        fail('drop_path', 'out of range', 'expected 0 <= drop_path < 1', 'e.g. --drop_path 0.2')
+    if not 0.0 <= cfg.smoothing < 1.0:
+        fail('smoothing', 'out of range', 'expected 0 <= smoothing < 1', 'e.g. --smoothing 0.1')
+    if not 0.0 <= cfg.reprob <= 1.0:
+        fail('reprob', 'out of range', 'expected a probability in [0, 1]', 'e.g. --reprob 0.25')
+    if cfg.warmup_epochs > cfg.epochs:
+        fail('warmup_epochs', f'is longer than --epochs {cfg.epochs}', 'expected warmup_epochs <= epochs',
+             'shorten the warmup or train longer')
+    if cfg.start_epoch >= cfg.epochs and not cfg.eval:
+        fail('start_epoch', f'is not before --epochs {cfg.epochs}', 'expected start_epoch < epochs',
+             'raise --epochs or lower --start_epoch')
+    if cfg.nb_classes is not None and cfg.nb_classes < 1:
+        fail('nb_classes', 'out of range', 'expected 1 or more', 'pass the number of classes or leave it out')
+    if cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None:
+        raise UserError(f"--mixup {cfg.mixup} / --cutmix {cfg.cutmix} / --cutmix_minmax {cfg.cutmix_minmax}: "
+                        f"mixup and cutmix are not implemented in this toolkit yet (expected --mixup 0 --cutmix 0 "
+                        f"and no --cutmix_minmax, as in the RETFound recipe); remove these flags")
+    from util.lr_sched import effective_lr
+    peak = effective_lr(cfg.blr, cfg.lr, cfg.batch_size, cfg.accum_iter, cfg.world_size)
+    if cfg.min_lr > peak:
+        fail('min_lr', f'is above the peak LR {peak:.3g}', 'expected min_lr <= peak LR',
+             'lower --min_lr or raise --lr/--blr')
+
+
+def config_to_dict(cfg: argparse.Namespace) -> dict[str, Any]:
+    """Plain {flag name: value} of a resolved config (the ``config`` preset path left out), YAML-safe."""
+    out: dict[str, Any] = {}
+    for key, value in sorted(vars(cfg).items()):
+        if key == 'config':
+            continue
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def save_config(cfg: argparse.Namespace, path: str) -> str:
+    """Write the resolved config as YAML, atomically; the file is itself a valid ``--config`` preset."""
+    text = f"# Resolved fine-tuning config (preset: {getattr(cfg, 'config', None) or 'none'}). " \
+           f"Re-run with: --config {os.path.basename(path)}\n"
+    text += yaml.safe_dump(config_to_dict(cfg), sort_keys=True, default_flow_style=False)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix='.yaml.tmp')
+    try:
+        with os.fdopen(fd, 'w', encoding='utf8') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
