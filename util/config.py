@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
             flags = [o for a in self._actions for o in a.option_strings]
             for tok in message.split(':', 1)[1].split():
                 if tok.startswith('--'):
-                    near = close_matches(tok.split('=')[0], flags)
+                    near = close_matches(tok.split('=')[0], flags, n=2)
                     if near:
                         hint += f" ({tok}: did you mean {', '.join(near)}?)"
         raise UserError(f"command line: {message}{hint}; see --help for the accepted flags")
@@ -49,7 +49,8 @@ def _device(value: str) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The fine-tuning argument parser with every reference flag and the RETFound recipe defaults."""
-    p = _Parser('RETFound fine-tuning (PaddlePaddle)', allow_abbrev=False,
+    p = _Parser(prog='main_finetune.py', description='Fine-tune RETFound (or another registered model) on a '
+                'retinal image classification dataset (PaddlePaddle).', allow_abbrev=False,
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b = argparse.BooleanOptionalAction
     p.add_argument('--config', default=None, type=str,
