@@ -26,6 +26,7 @@ Paddle ``paddle/framework/io.py`` (pdparams layout, big-parameter slices).
 """
 from __future__ import annotations
 
+import _compat_pickle
 import builtins
 import collections
 import io
@@ -184,7 +185,14 @@ def _build_allowed() -> dict[tuple[str, str], Any]:
 
 
 _ALLOWED_GLOBALS = _build_allowed()
-_MODULE_RENAMES = {'__builtin__': 'builtins', 'copy_reg': 'copyreg'}
+
+
+def _python3_name(module: str, name: str) -> tuple[str, str]:
+    # protocol-2 pickles name globals the Python 2 way (__builtin__.set, commands.Popen): report and
+    # match them under the names Python 3 would import
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -196,7 +204,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._persistent = persistent_load
 
     def find_class(self, module: str, name: str) -> Any:
-        module = _MODULE_RENAMES.get(module, module)
+        module, name = _python3_name(module, name)
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
