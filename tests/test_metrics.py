@@ -244,6 +244,6 @@ def test_save_confusion_matrix_png(tmp_path, k):
         warnings.simplefilter('error')
         out = save_confusion_matrix_png(cm, [f'class_{i}' for i in range(k)], path, title='test')
     assert out == path and os.path.getsize(path) > 1000
-    img = Image.open(path)
-    assert img.format == 'PNG' and min(img.size) >= 400
+    with Image.open(path) as img:
+        assert img.format == 'PNG' and min(img.size) >= 400
     assert [f for f in os.listdir(tmp_path / 'sub')] == ['cm.png']   # no temp file left behind
