@@ -75,11 +75,11 @@ def main(cfg) -> dict:
     import engine_finetune as engine
     from models import create_model, resolve_model_name
     from util import distributed as D
-    from util.checkpoint import (check_resume_compatible, is_toolkit_checkpoint, load_checkpoint,
+    from util.checkpoint import (check_resume_compatible, load_checkpoint, read_toolkit_checkpoint,
                                  save_checkpoint, set_rng_state)
     from util.datasets import build_dataset
     from util.logger import RunLogger
-    from util.lr_decay import param_groups_lrd
+    from util.lr_decay import build_optimizer
     from util.lr_sched import adjust_learning_rate, effective_lr
     from util.metrics import save_confusion_matrix_png
     from util.transforms import build_transform
@@ -111,27 +111,10 @@ def main(cfg) -> dict:
     np.random.seed(seed)
     paddle.seed(seed)
 
-    # --- model ----------------------------------------------------------------------------------------
+    # --- data, then the model (nb_classes may come from the data) ------------------------------------
     model_name = resolve_model_name(cfg.model)
-    num_classes_hint = cfg.nb_classes
-    # datasets first when nb_classes must be inferred; a throwaway model gives the data defaults.
-    probe = create_model(model_name, num_classes=num_classes_hint or 2, drop_path_rate=0.0,
-                         global_pool=cfg.global_pool, img_size=cfg.input_size)
-    data_cfg = dict(probe.default_cfg)
-    del probe
-
-    eval_tf = build_transform(False, cfg.input_size, data_cfg["mean"], data_cfg["std"],
-                              interpolation=data_cfg.get("interpolation", "bicubic"))
     splits = ["test"] if cfg.eval else ["train", "val", "test"]
-    datasets = {}
-    for split in splits:
-        tf = eval_tf
-        if split == "train":
-            tf = build_transform(True, cfg.input_size, data_cfg["mean"], data_cfg["std"],
-                                 interpolation=data_cfg.get("interpolation", "bicubic"), aa=cfg.aa,
-                                 reprob=cfg.reprob, remode=cfg.remode, recount=cfg.recount,
-                                 color_jitter=cfg.color_jitter)
-        datasets[split] = build_dataset(split, cfg.data_path, tf, nb_classes=cfg.nb_classes)
+    datasets = {split: build_dataset(split, cfg.data_path, None, nb_classes=cfg.nb_classes) for split in splits}
     first = datasets[splits[0]]
     class_names = list(first.class_names)
     nb_classes = cfg.nb_classes or len(class_names)
@@ -140,47 +123,60 @@ def main(cfg) -> dict:
         if list(ds.class_names) != class_names:
             raise UserError(f"{cfg.data_path}/{split}: classes {list(ds.class_names)} differ from "
                             f"{splits[0]}'s {class_names}; use the same class folders in every split")
-        say(f"{split}: {ds!r}")
+        say(ds.describe())
+        missing = [c for c, n in zip(ds.class_names, ds.class_counts()) if n == 0]
+        if missing and split != "train":
+            say(f"warning: {split} split has no images of class(es) {missing}: macro AUROC and the model-selection "
+                "score are undefined (NaN) on it")
 
     model = create_model(model_name, num_classes=nb_classes, drop_path_rate=cfg.drop_path,
                          global_pool=cfg.global_pool, img_size=cfg.input_size)
     if getattr(model, "num_views", 1) != getattr(first, "num_views", 1):
         raise UserError(f"--model {model_name} takes {model.num_views} image(s) per sample but the dataset "
                         f"at {cfg.data_path} gives {first.num_views}; pick a matching model")
+    data_cfg = dict(model.default_cfg)
+    interpolation = data_cfg.get("interpolation", "bicubic")
+    for split, ds in datasets.items():
+        if split == "train":
+            ds.transform = build_transform(True, cfg.input_size, data_cfg["mean"], data_cfg["std"],
+                                           interpolation=interpolation, aa=cfg.aa, reprob=cfg.reprob,
+                                           remode=cfg.remode, recount=cfg.recount, color_jitter=cfg.color_jitter)
+        else:
+            ds.transform = build_transform(False, cfg.input_size, data_cfg["mean"], data_cfg["std"],
+                                           interpolation=interpolation)
 
-    task_name = cfg.task or f"{model_name}_{os.path.splitext(os.path.basename(os.path.normpath(cfg.data_path)))[0]}"
+    data_name = os.path.splitext(os.path.basename(os.path.normpath(cfg.data_path)))[0]
+    task_name = cfg.task or f"{model_name}_{data_name}"
     run_dir = os.path.join(cfg.output_dir, task_name) if cfg.output_dir else None
     identity = run_identity(cfg, model_name, nb_classes, class_names, first.task)
 
     # --- weights --------------------------------------------------------------------------------------
     resume_state = None
     if cfg.resume:
-        from models.pretrained import load_finetuned
+        from models.pretrained import load_finetuned, load_state_dict_strict
 
-        if cfg.resume.endswith(".pdparams") and is_toolkit_checkpoint(resume_state := load_checkpoint(cfg.resume)):
+        resume_state = read_toolkit_checkpoint(cfg.resume)
+        if resume_state is not None:
             if not cfg.eval:
                 check_resume_compatible(resume_state["meta"], identity, cfg.resume)
-            load_finetuned(model, resume_state["model"], source_name=cfg.resume)
-            say(f"Resumed weights from {cfg.resume} (epoch {resume_state['epoch']})")
+            load_state_dict_strict(model, resume_state["model"], cfg.resume)
+            say(f"Resumed from {cfg.resume} (epoch {resume_state['epoch']})")
+        elif not cfg.eval:
+            raise UserError(f"{cfg.resume}: not a checkpoint of this toolkit, so it cannot be resumed "
+                            "(it has no optimizer state or run identity); evaluate it with --eval, or pass it "
+                            "to --finetune to start a new run from its weights")
         else:
-            if not cfg.eval:
-                raise UserError(f"{cfg.resume}: not a checkpoint of this toolkit, so it cannot be resumed "
-                                "(it has no optimizer state or run identity); use it with --eval, or "
-                                "--finetune it to start a new run from its weights")
-            resume_state = None
-            load_finetuned(model, cfg.resume)
-            say(f"Loaded fine-tuned weights from {cfg.resume} for evaluation")
-    elif cfg.finetune and not cfg.eval:
+            load_finetuned(model, cfg.resume, verbose=main_proc)
+    elif cfg.eval:
+        raise UserError("--eval: no checkpoint to evaluate (--resume is empty); pass --resume CKPT")
+    elif cfg.finetune:
         from models.pretrained import load_pretrained
 
-        report = load_pretrained(model, cfg.finetune, weights_dir=cfg.weights_dir)
-        say(f"Loaded pre-trained weights from {report.get('path', cfg.finetune)}")
-    elif not cfg.eval:
+        load_pretrained(model, cfg.finetune, weights_dir=cfg.weights_dir, verbose=main_proc)
+    elif main_proc:
         warnings.warn(f"no pretrained weights given (--finetune): {model_name} starts from random "
                       "initialisation; pass --finetune RETFound_mae_meh (a file in --weights_dir) or a path "
                       "to fine-tune a foundation model", stacklevel=1)
-    elif cfg.eval:
-        raise UserError("--eval: no checkpoint to evaluate (--resume is empty); pass --resume CKPT")
 
     n_parameters = sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient)
     say(f"Model {model_name}: {n_parameters / 1e6:.2f} M trainable parameters, {nb_classes} classes")
@@ -211,10 +207,8 @@ def main(cfg) -> dict:
     say(f"base lr: {lr * 256 / (cfg.batch_size * cfg.accum_iter * world):.2e}  actual lr: {lr:.2e}  "
         f"effective batch size: {cfg.batch_size * cfg.accum_iter * world} "
         f"(batch {cfg.batch_size} x accum {cfg.accum_iter} x {world} process(es))")
-    groups = param_groups_lrd(bare_model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
-    grad_clip = paddle.nn.ClipGradByGlobalNorm(cfg.clip_grad) if cfg.clip_grad else None
-    optimizer = paddle.optimizer.AdamW(learning_rate=lr, parameters=groups, beta1=0.9, beta2=0.999,
-                                       epsilon=1e-8, weight_decay=cfg.weight_decay, grad_clip=grad_clip)
+    optimizer = build_optimizer(bare_model, lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
+                                clip_grad=cfg.clip_grad)
     scaler = None
     if amp.enabled and amp.dtype == "float16":
         scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**16)  # dynamic loss scaling, GPU only
@@ -262,7 +256,7 @@ def main(cfg) -> dict:
                                           print_freq=cfg.print_freq)
         score = val_stats["score"]
         score = -math.inf if score is None or not math.isfinite(score) else score
-        improved = score > best_score
+        improved = score > best_score or best_epoch < 0  # the first epoch is kept even with an undefined score
         if improved:
             best_score, best_epoch = score, epoch
         say(f"Epoch {epoch}: train loss {train_stats['loss']:.4f}, val " +
@@ -286,7 +280,9 @@ def main(cfg) -> dict:
 
     # --- test once, on the best checkpoint -----------------------------------------------------------
     if best_path and os.path.isfile(best_path):
-        bare_model.set_state_dict(load_checkpoint(best_path)["model"])
+        from models.pretrained import load_state_dict_strict
+
+        load_state_dict_strict(bare_model, load_checkpoint(best_path)["model"], best_path)
         say(f"Test on the best checkpoint (epoch {best_epoch})")
     else:
         say("Test on the final weights (no best checkpoint was saved: --no-savemodel or no improvement)")

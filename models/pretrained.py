@@ -188,6 +188,15 @@ def load_finetuned(model: paddle.nn.Layer, source: str, weights_dir: str = "./we
     return report
 
 
+def load_state_dict_strict(model: paddle.nn.Layer, state_dict: dict, where: str) -> None:
+    """Load an in-memory Paddle-layout state dict (e.g. the ``model`` entry of a toolkit checkpoint) with the
+    same strict key and shape check as the file loaders; ``where`` names the source in errors."""
+    sd = {k: (v.numpy() if isinstance(v, paddle.Tensor) else np.asarray(v)) for k, v in state_dict.items()}
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_keys(where, own, sd, set(), getattr(model, "global_pool", None))
+    _assign(model, sd)
+
+
 def summarize(report: dict[str, Any]) -> str:
     """One-paragraph human summary of a load report."""
     lines = [f"Loaded {len(report['loaded'])} tensors from {report['path']} ({report['format']} layout)"]

@@ -79,8 +79,23 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 
-def is_toolkit_checkpoint(state: dict) -> bool:
+def is_toolkit_checkpoint(state) -> bool:
     return isinstance(state, dict) and "meta" in state and "model" in state
+
+
+def read_toolkit_checkpoint(path: str) -> dict | None:
+    """The checkpoint at ``path`` if this toolkit wrote it (``.pdparams`` with ``meta``), else ``None``
+    (a RETFound ``.pth``, a converted state dict, ...); a missing file raises ``UserError``."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: checkpoint not found; pass an existing file to --resume")
+    if not path.lower().endswith(".pdparams"):
+        return None
+    try:
+        state = paddle.load(path)
+    except Exception as exc:
+        raise UserError(f"{path}: could not read the checkpoint ({type(exc).__name__}: {exc}); "
+                        "pass a checkpoint written by this toolkit, a converted .pdparams or a .pth") from exc
+    return state if is_toolkit_checkpoint(state) else None
 
 
 def check_resume_compatible(saved_meta: dict, meta: dict, path: str) -> None:

@@ -45,6 +45,9 @@ class RunLogger:
         if not self.enabled:
             return
         record = {k: _clean(v) for k, v in record.items()}
+        # standard JSON has no NaN: an undefined metric is written as null
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+                  if isinstance(v, (int, float, str, bool, type(None)))}
         with open(os.path.join(self.run_dir, name), "a", encoding="utf8") as f:
             f.write(json.dumps(record) + "\n")
 
