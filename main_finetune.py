@@ -75,8 +75,8 @@ def main(cfg) -> dict:
     import engine_finetune as engine
     from models import create_model, resolve_model_name
     from util import distributed as D
-    from util.checkpoint import (check_resume_compatible, load_checkpoint, read_toolkit_checkpoint,
-                                 save_checkpoint, set_rng_state)
+    from util.checkpoint import (check_resume_compatible, load_checkpoint, load_optimizer_state_by_name,
+                                 read_toolkit_checkpoint, save_checkpoint, set_rng_state)
     from util.datasets import build_dataset
     from util.logger import RunLogger
     from util.lr_decay import build_optimizer
@@ -220,7 +220,7 @@ def main(cfg) -> dict:
     start_epoch, best_score, best_epoch = cfg.start_epoch, -math.inf, -1
     if resume_state is not None:
         if "optimizer" in resume_state:
-            optimizer.set_state_dict(resume_state["optimizer"])
+            load_optimizer_state_by_name(optimizer, bare_model, resume_state["optimizer"])
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
         start_epoch = int(resume_state["epoch"]) + 1

@@ -45,6 +45,39 @@ def set_rng_state(state: dict) -> None:
     paddle.set_rng_state(state["paddle"])
 
 
+def _param_names(model) -> dict[str, str]:
+    """Paddle's generated parameter name (``linear_3.w_0``) -> structured name (``blocks.0.attn.qkv.weight``)."""
+    return {p.name: n for n, p in model.named_parameters()}
+
+
+def optimizer_state_by_name(optimizer, model) -> dict:
+    """The optimizer's state dict keyed by structured parameter names.
+
+    Paddle keys accumulators by generated names (``linear_3.w_0_moment1_0``) that depend on how many layers
+    the process created before; structured names make a checkpoint resumable in any process.
+    """
+    generated = _param_names(model)
+    out = {}
+    for key, value in optimizer.state_dict().items():
+        owner = max((g for g in generated if key.startswith(g + "_")), key=len, default=None)
+        out[f"{generated[owner]}::{key[len(owner) + 1:]}" if owner else key] = value
+    return out
+
+
+def load_optimizer_state_by_name(optimizer, model, state: dict) -> None:
+    """Inverse of ``optimizer_state_by_name`` for the parameters of ``model`` in this process."""
+    structured = {n: p.name for n, p in model.named_parameters()}
+    renamed = {}
+    for key, value in state.items():
+        name, sep, suffix = key.partition("::")
+        if sep and name in structured:
+            key = f"{structured[name]}_{suffix}"
+            if hasattr(value, "name"):
+                value.name = key
+        renamed[key] = value
+    optimizer.set_state_dict(renamed)
+
+
 def save_checkpoint(path: str, *, model, optimizer=None, scaler=None, epoch: int, best_score: float,
                     meta: dict, extra: dict | None = None) -> None:
     """Write a resumable checkpoint atomically."""
@@ -56,7 +89,7 @@ def save_checkpoint(path: str, *, model, optimizer=None, scaler=None, epoch: int
         "rng": rng_state(),
     }
     if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
+        state["optimizer"] = optimizer_state_by_name(optimizer, model)
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     if extra:
