@@ -179,6 +179,7 @@ def _build_allowed() -> dict[tuple[str, str], Any]:
         allowed[(mod, '_frombuffer')] = np.core.numeric._frombuffer
     for name, dtype in _STORAGE_DTYPES.items():
         allowed[('torch', name)] = _StorageType(name, dtype)
+    allowed[('torch.storage', 'UntypedStorage')] = _StorageType('UntypedStorage', np.uint8)
     for name, dtype in _TORCH_DTYPES.items():
         allowed[('torch', name)] = _StorageType(name, dtype)
     return allowed
@@ -395,8 +396,15 @@ def _materialise(obj: Any, source: _StorageSource | None, memo: dict[int, Any]) 
         for k, v in vars(obj).items():
             setattr(obj, k, _materialise(v, source, memo))
         return obj
-    if isinstance(obj, (_StorageRef, _StorageType, _TensorClass)):
-        return repr(obj) if isinstance(obj, _StorageType) else None
+    if isinstance(obj, _StorageRef):  # a bare storage saved on its own: its elements as a 1-D array
+        if id(obj) not in memo:
+            n = source.storage(obj).size
+            memo[id(obj)] = _tensor_array(_TensorRef(obj, 0, (n,), (1,)), source)
+        return memo[id(obj)]
+    if isinstance(obj, _StorageType):
+        return repr(obj)  # e.g. a torch dtype stored in args: 'torch.float16'
+    if isinstance(obj, _TensorClass):
+        return f'torch.{obj.name}'
     return obj
 
 

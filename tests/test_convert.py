@@ -77,6 +77,14 @@ def test_mae_checkpoint_model_and_optimizer_match_torch():
     assert list(obj['model']) == META['mae_checkpoint.pth']['model_keys']  # order kept (OrderedDict)
 
 
+def test_storages_torch_objects_and_numpy_values():
+    obj = read_checkpoint(fixture('misc.pth'))
+    assert_same_arrays({k: v for k, v in flatten(obj).items()}, expected_for('misc.pth'))
+    assert obj['untyped_storage'].view(np.float32).tolist() == [0, 1, 2, 3, 4]
+    assert obj['dtype'] == 'torch.float16' and obj['device'] == 'cpu' and obj['size'] == (2, 3)
+    assert obj['np_float'] == 0.5 and obj['set'] == {1, 2}
+
+
 def test_dtypes_and_special_shapes():
     obj = read_checkpoint(fixture('dtypes.pth'))
     assert obj['bfloat16'].dtype == np.float32  # widened: numpy has no bfloat16
@@ -95,6 +103,30 @@ def test_strided_tensors_are_contiguous_copies_and_contiguous_ones_are_views():
     assert obj['expanded'][1, 0] == 10.0
     off = obj['contiguous_offset']
     assert not off.flags.owndata and off[0, 0] == 40.0  # a view into the mapped file at element offset 40
+
+
+def test_recompressed_zip_still_reads_torch_values(tmp_path):
+    # someone re-zipped the checkpoint with deflate: storages cannot be mapped, they are decompressed once
+    src, dst = fixture('strided.pth'), str(tmp_path / 'deflated.pth')
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, 'w', zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    assert_same_arrays(flatten(read_checkpoint(dst)), expected_for('strided.pth'))
+
+
+def test_mapped_arrays_survive_replacing_the_file(tmp_path):
+    path = str(tmp_path / 'w.pth')
+    with open(fixture('bare_state_dict.pth'), 'rb') as f:
+        data = f.read()
+    with open(path, 'wb') as f:
+        f.write(data)
+    obj = read_checkpoint(path)
+    with open(str(tmp_path / 'new.pth'), 'wb') as f:
+        f.write(b'PK' + b'\0' * len(data))
+    os.replace(str(tmp_path / 'new.pth'), path)
+    obj['head.weight'][0, 0] = 123.0  # copy-on-write: writable, never written back
+    want = expected_for('bare_state_dict.pth')
+    assert np.array_equal(obj['blocks.0.attn.qkv.weight'], want['/blocks.0.attn.qkv.weight'])
 
 
 def test_mae_metadata_readable():

@@ -14,6 +14,7 @@ Writes small files the way real checkpoints are written, and the values PyTorch 
   offset, an expand (stride 0), a permuted 3-D view, a narrowed Parameter.
 * ``legacy.pth``: the pre-1.6 layout (``_use_new_zipfile_serialization=False``).
 * ``tensors.safetensors``: float32/float16/bfloat16 tensors written by ``safetensors.torch``.
+* ``misc.pth``: a bare untyped storage, a torch dtype, device and Size, numpy scalar/array, a set.
 * ``expected.npz``: every tensor as ``tensor.numpy()`` (bfloat16 via ``.float()``), keyed
   ``<file>::<path>``; ``expected.json``: the checkpoint's non-tensor metadata and the names of the
   modules that are ``torch.nn.Linear`` in the tiny MAE and ViT.
@@ -169,6 +170,13 @@ def main() -> None:
     st = {'blocks.0.mlp.fc1.weight': base.clone(), 'half': base.half(), 'bf16': (base * 5).bfloat16()}
     save_file(st, os.path.join(OUT, 'tensors.safetensors'), metadata={'format': 'pt'})
     collect('tensors.safetensors::', st, expected)
+
+    misc = {'untyped_storage': torch.arange(5, dtype=torch.float32).untyped_storage(), 'dtype': torch.float16,
+            'device': torch.device('cpu'), 'size': torch.Size([2, 3]), 'np_float': np.float64(0.5),
+            'np_array': np.arange(3), 'set': {1, 2}}
+    torch.save(misc, os.path.join(OUT, 'misc.pth'))
+    expected['misc.pth::/untyped_storage'] = np.frombuffer(bytes(misc['untyped_storage']), dtype=np.uint8).copy()
+    expected['misc.pth::/np_array'] = misc['np_array']
 
     np.savez_compressed(os.path.join(OUT, 'expected.npz'), **expected)
     with open(os.path.join(OUT, 'expected.json'), 'w') as f:
