@@ -42,7 +42,9 @@ def test_contract(model):
     ids = [m.layer_id(n) for n in names]
     assert min(ids) == 0 and max(ids) == m.num_layers
     assert all(0 <= i <= m.num_layers for i in ids)
-    head_ids = {m.layer_id(n) for n, p in m.named_parameters() if p.shape[-1:] == [7] or p.shape[:1] == [7]}
+    head = {id(m.head.weight), id(m.head.bias)}
+    head_ids = {m.layer_id(n) for n, p in m.named_parameters() if id(p) in head}
+    assert len(head_ids) == 1 and m.head.weight.shape[-1] == 7
     assert head_ids == {m.num_layers}, f"{name}: head parameters must get the last layer id"
     assert set(m.no_weight_decay()) <= set(names)
 
