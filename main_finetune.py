@@ -22,7 +22,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -46,6 +45,7 @@ def build_loaders(datasets: dict, batch_size: int, num_workers: int, seed: int, 
     import paddle
 
     from util.distributed import ShardSampler
+    from util.loader import BatchLoader
 
     loaders, seeders = {}, {}
     for split, ds in datasets.items():
@@ -56,9 +56,8 @@ def build_loaders(datasets: dict, batch_size: int, num_workers: int, seed: int, 
         else:
             sampler = paddle.io.BatchSampler(sampler=ShardSampler(len(ds), rank, world), batch_size=batch_size,
                                              drop_last=False)
-        loaders[split] = paddle.io.DataLoader(ds, batch_sampler=sampler, num_workers=num_workers,
-                                              worker_init_fn=seeder if num_workers > 0 else None,
-                                              use_shared_memory=False)
+        loaders[split] = BatchLoader(ds, sampler, num_workers=num_workers,
+                                     worker_init_fn=seeder if num_workers > 0 else None, name=f"{split} split")
         seeders[split] = seeder
     return loaders, seeders
 
@@ -172,11 +171,12 @@ def main(cfg) -> dict:
     elif cfg.finetune:
         from models.pretrained import load_pretrained
 
-        load_pretrained(model, cfg.finetune, weights_dir=cfg.weights_dir, verbose=main_proc)
+        # as the reference: the head weight is always re-drawn (trunc normal, std 2e-5) after loading
+        load_pretrained(model, cfg.finetune, weights_dir=cfg.weights_dir, reinit_head=True, verbose=main_proc)
     elif main_proc:
-        warnings.warn(f"no pretrained weights given (--finetune): {model_name} starts from random "
-                      "initialisation; pass --finetune RETFound_mae_meh (a file in --weights_dir) or a path "
-                      "to fine-tune a foundation model", stacklevel=1)
+        print(f"warning: no pretrained weights given (--finetune): {model_name} starts from random "
+              "initialisation; pass --finetune RETFound_mae_meh (a file in --weights_dir) or a path "
+              "to fine-tune a foundation model", file=sys.stderr, flush=True)
 
     n_parameters = sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient)
     say(f"Model {model_name}: {n_parameters / 1e6:.2f} M trainable parameters, {nb_classes} classes")

@@ -134,3 +134,68 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(trained_
     assert "epoch 2" in res.stderr and "step" in res.stderr and "Traceback" not in res.stderr
     assert (run / "checkpoint-last.pdparams").read_bytes() == before
     assert paddle.load(str(run / "checkpoint-last.pdparams"))["epoch"] == 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_image_names_its_path(class_folders, tmp_path, workers):
+    bad = os.path.join(class_folders, "train", "b", "b_3.png")
+    data = open(bad, "rb").read()
+    with open(bad, "wb") as f:
+        f.write(data[: len(data) // 2])  # truncated PNG
+    res = run_cli([*TINY_ARGS, "--data_path", class_folders, "--epochs", "1", "--num_workers", workers,
+                   "--output_dir", tmp_path], timeout=300)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "b_3.png" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_finetune_from_mae_checkpoint_name_in_weights_dir(class_folders, tmp_path):
+    """--finetune NAME finds weights_dir/NAME.pdparams holding an MAE-layout checkpoint (encoder + norm +
+    decoder + mask_token, no head/fc_norm, trained at 32 px), loads it at 48 px and trains."""
+    import paddle
+
+    from models import create_model
+
+    enc = {k: v.numpy() for k, v in create_model("vit_test", num_classes=3, img_size=32).state_dict().items()
+           if not k.startswith(("head.", "fc_norm."))}
+    d = enc["cls_token"].shape[-1]
+    enc.update({"norm.weight": np.ones(d, np.float32), "norm.bias": np.zeros(d, np.float32),
+                "mask_token": np.zeros((1, 1, 16), np.float32), "decoder_embed.weight": np.ones((d, 16), np.float32),
+                "decoder_embed.bias": np.zeros(16, np.float32), "decoder_pos_embed": np.zeros((1, 5, 16), np.float32)})
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    paddle.save({"model": enc, "epoch": 799}, str(weights / "RETFound_mae_tiny.pdparams"))
+    res = run_cli([*TINY_ARGS, "--data_path", class_folders, "--epochs", "1", "--input_size", "48",
+                   "--finetune", "RETFound_mae_tiny", "--weights_dir", weights, "--output_dir", tmp_path])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    assert "RETFound_mae_tiny.pdparams" in out and "decoder" in out and "mask_token" in out
+    assert "random init" not in res.stderr
+
+
+def test_missing_weights_name_says_where_it_looked(class_folders, tmp_path):
+    res = run_cli([*TINY_ARGS, "--data_path", class_folders, "--epochs", "1", "--finetune", "RETFound_mae_meh",
+                   "--weights_dir", tmp_path / "w", "--output_dir", tmp_path])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert str(tmp_path / "w" / "RETFound_mae_meh.pth") in res.stderr and "models.convert" in res.stderr
+
+
+def test_amp_on_cpu_is_reported_off(trained_run, tmp_path):
+    res = run_cli([*TINY_ARGS, "--data_path", trained_run["data"], "--epochs", "1", "--amp", "--output_dir", tmp_path])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sum("AMP: off" in line for line in res.stdout.splitlines()) == 1
+
+
+def test_visualdl_records_loss_and_lr_per_step_and_val_metrics(trained_run):
+    from visualdl import LogReader
+
+    run = trained_run["run"]
+    record = [n for n in os.listdir(run) if n.startswith("vdlrecords")][0]
+    reader = LogReader(file_path=str(run / record))
+    tags = reader.get_tags()["scalar"]
+    assert {"train/loss", "train/lr", "val/roc_auc", "val/f1", "val/kappa", "val/score"} <= set(tags)
+    steps = [r.id for r in reader.get_data("scalar", "train/loss")]
+    assert steps == list(range(1, 13))  # 24 train images / batch 4 = 6 optimizer steps x 2 epochs
+    lrs = [r.value for r in reader.get_data("scalar", "train/lr")]
+    assert len(set(lrs)) > 6  # per-iteration schedule, not a constant
+    assert len(reader.get_data("scalar", "val/roc_auc")) == 2

@@ -1,0 +1,71 @@
+"""Batch loading with errors that reach the user.
+
+With ``num_workers == 0`` batches are read in this process by a plain loop: Paddle's single-process
+``DataLoader`` reads in a background thread that dies silently on an exception (a corrupt image then hangs
+training). With workers, Paddle's multi-process loader is used and a worker failure is re-raised as a
+``UserError`` (the worker prints the original error, which names the file).
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import paddle
+
+from util.errors import UserError
+
+
+def _collate(samples: list) -> list:
+    fields = list(zip(*samples))
+    return [paddle.to_tensor(np.stack([np.asarray(x) for x in f])) for f in fields]
+
+
+def _worker_message(captured: list, exc: BaseException) -> str:
+    """The user-facing line of a worker's error (``UserError: <path>: cannot read image ...``)."""
+    for err in reversed(captured):
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        if lines:
+            last = lines[-1]
+            for prefix in ("util.errors.UserError: ", "UserError: "):
+                if last.startswith(prefix):
+                    return last[len(prefix):]
+            return last
+    text = str(exc).strip().splitlines()
+    return (f"{type(exc).__name__}: {text[-1] if text else ''}; rerun with --num_workers 0 to see the "
+            "failing sample's error")
+
+
+class BatchLoader:
+    """Iterable of ``[images, labels]`` batches over ``dataset`` in the order of ``batch_sampler``."""
+
+    def __init__(self, dataset, batch_sampler, num_workers: int = 0, worker_init_fn=None, name: str = "data"):
+        self.dataset = dataset
+        self.batch_sampler = batch_sampler
+        self.num_workers = num_workers
+        self.name = name
+        self._paddle_loader = None
+        if num_workers > 0:
+            self._paddle_loader = paddle.io.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                                                       worker_init_fn=worker_init_fn, use_shared_memory=False)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        if self._paddle_loader is None:
+            for indices in self.batch_sampler:
+                yield _collate([self.dataset[i] for i in indices])
+            return
+        # Paddle re-raises a worker's error in its reader thread, whose traceback would be printed by
+        # threading.excepthook; keep it instead and report the worker's message as one paragraph.
+        captured: list[BaseException] = []
+        previous = threading.excepthook
+        threading.excepthook = lambda args: captured.append(args.exc_value)
+        try:
+            yield from self._paddle_loader
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise UserError(f"{self.name}: a data loader worker failed: {_worker_message(captured, exc)}") from None
+        finally:
+            threading.excepthook = previous
