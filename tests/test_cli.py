@@ -143,7 +143,7 @@ def test_corrupt_image_names_its_path(class_folders, tmp_path, workers):
     with open(bad, "wb") as f:
         f.write(data[: len(data) // 2])  # truncated PNG
     res = run_cli([*TINY_ARGS, "--data_path", class_folders, "--epochs", "1", "--num_workers", workers,
-                   "--output_dir", tmp_path], timeout=300)
+                   "--output_dir", tmp_path], timeout=120)
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     assert "b_3.png" in res.stderr
     assert "Traceback" not in res.stderr

@@ -61,11 +61,16 @@ class BatchLoader:
         captured: list[BaseException] = []
         previous = threading.excepthook
         threading.excepthook = lambda args: captured.append(args.exc_value)
+        iterator = iter(self._paddle_loader)
         try:
-            yield from self._paddle_loader
+            yield from iterator
         except (UserError, KeyboardInterrupt):
             raise
         except Exception as exc:
+            # stop the workers now: left running, they keep the process from exiting
+            shutdown = getattr(iterator, "_try_shutdown_all", None)
+            if shutdown is not None:
+                shutdown(1)
             raise UserError(f"{self.name}: a data loader worker failed: {_worker_message(captured, exc)}") from None
         finally:
             threading.excepthook = previous
