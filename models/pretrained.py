@@ -21,6 +21,7 @@ References: rmaphoh/RETFound_MAE and facebookresearch/mae ``main_finetune.py`` (
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -78,7 +79,13 @@ def read_paddle_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict]:
 
 
 # ----------------------------------------------------------------------------------------------- checking
+def _natural_key(name: str) -> list:
+    """Sort ``blocks.2`` before ``blocks.10``."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
 def _fmt_keys(keys: list[str], shapes: dict[str, tuple] | None = None, limit: int = 12) -> str:
+    keys = sorted(keys, key=_natural_key)
     shown = [f"{k} {list(shapes[k])}" if shapes and k in shapes else k for k in keys[:limit]]
     more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
     return "[" + ", ".join(shown) + more + "]"
@@ -108,7 +115,8 @@ def _check_keys(where: str, own: dict[str, tuple], sd: dict[str, np.ndarray], al
         hint = ("the checkpoint has a head but no fc_norm, so it was trained with cls-token pooling: pass "
                 "--no-global_pool (or drop its head.* keys to fine-tune it as a backbone)")
     raise UserError(f"{where}: checkpoint does not fit the model ({'; '.join(parts)}; "
-                    f"expected the model's parameter names and shapes); {hint}")
+                    f"expected the model's parameter names and shapes; shapes in Paddle layout, where a Linear "
+                    f"weight is [in, out], the transpose of PyTorch's); {hint}")
 
 
 def _assign(model: paddle.nn.Layer, sd: dict[str, np.ndarray]) -> None:

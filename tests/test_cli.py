@@ -199,3 +199,17 @@ def test_visualdl_records_loss_and_lr_per_step_and_val_metrics(trained_run):
     lrs = [r.value for r in reader.get_data("scalar", "train/lr")]
     assert len(set(lrs)) > 6  # per-iteration schedule, not a constant
     assert len(reader.get_data("scalar", "val/roc_auc")) == 2
+
+
+def test_reference_command_line_runs_up_to_the_weights_lookup(class_folders, tmp_path):
+    """The README's RETFound command, pasted with python for torchrun (data and class count swapped for the
+    synthetic set): every flag is accepted, ViT-L is built, and the absent weights are reported helpfully."""
+    cmd = ("--model RETFound_mae --savemodel --global_pool --batch_size 16 --world_size 1 --epochs 100 --blr 5e-3 "
+           "--layer_decay 0.65 --weight_decay 0.05 --drop_path 0.2 --nb_classes 3 --data_path DATA "
+           "--input_size 224 --task RETFound_mae_meh-IDRiD --finetune RETFound_mae_meh").split()
+    cmd[cmd.index("DATA")] = class_folders
+    res = run_cli(cmd + ["--weights_dir", tmp_path / "weights", "--output_dir", tmp_path], cwd=tmp_path)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert "RETFound_mae_meh" in res.stderr and "huggingface" in res.stderr.lower()
+    assert "python -m models.convert" in res.stderr

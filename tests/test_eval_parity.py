@@ -130,7 +130,7 @@ def test_wrong_architecture_is_a_clean_error(tmp_path):
     assert "checkpoint-best.pth" in err and "does not fit the model" in err
     # lists the keys ViT-S/16 has and the checkpoint lacks, and mismatched keys with both shapes
     # (embed 32 vs 384; Linear weights in Paddle's [in, out] layout)
-    assert "missing from the checkpoint [blocks.10." in err
+    assert "missing from the checkpoint [blocks.2." in err  # natural order: blocks.2 before blocks.10
     assert "shape mismatch [" in err and "blocks.0.norm1.weight: checkpoint [32] vs model [384]" in err
     assert "--model" in err
 
