@@ -211,5 +211,5 @@ def test_reference_command_line_runs_up_to_the_weights_lookup(class_folders, tmp
     res = run_cli(cmd + ["--weights_dir", tmp_path / "weights", "--output_dir", tmp_path], cwd=tmp_path)
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     assert "Traceback" not in res.stderr
-    assert "RETFound_mae_meh" in res.stderr and "huggingface" in res.stderr.lower()
+    assert "RETFound_mae_meh" in res.stderr and "hugging face" in res.stderr.lower()
     assert "python -m models.convert" in res.stderr
