@@ -84,7 +84,8 @@ class AmpConfig:
 
 
 def train_one_epoch(model, criterion: Callable, data_loader, optimizer, epoch: int, *,
-                    set_lr: Callable[[float], float], accum_iter: int = 1, scaler=None,
+                    set_lr: Callable[[float], float], accum_iter: int = 1, clip_grad: float | None = None,
+                    scaler=None,
                     amp: AmpConfig | None = None, logger=None, print_freq: int = 20,
                     global_step: int = 0) -> tuple[dict, int]:
     """Train for one epoch.
@@ -121,6 +122,12 @@ def train_one_epoch(model, criterion: Callable, data_loader, optimizer, epoch: i
             else:
                 scaled.backward()
         if update:
+            if clip_grad:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                # the global norm over all parameters, as torch's clip_grad_norm_ in the reference; not the
+                # optimizer's grad_clip, which Paddle applies to each parameter group separately
+                paddle.nn.utils.clip_grad_norm_(list(model.parameters()), clip_grad)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()

@@ -207,8 +207,7 @@ def main(cfg) -> dict:
     say(f"base lr: {lr * 256 / (cfg.batch_size * cfg.accum_iter * world):.2e}  actual lr: {lr:.2e}  "
         f"effective batch size: {cfg.batch_size * cfg.accum_iter * world} "
         f"(batch {cfg.batch_size} x accum {cfg.accum_iter} x {world} process(es))")
-    optimizer = build_optimizer(bare_model, lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
-                                clip_grad=cfg.clip_grad)
+    optimizer = build_optimizer(bare_model, lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
     scaler = None
     if amp.enabled and amp.dtype == "float16":
         scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**16)  # dynamic loss scaling, GPU only
@@ -251,7 +250,7 @@ def main(cfg) -> dict:
         seeders["train"].base = seed * 100003 + epoch * 7
         train_stats, global_step = engine.train_one_epoch(
             model, criterion, loaders["train"], optimizer, epoch, set_lr=set_lr, accum_iter=cfg.accum_iter,
-            scaler=scaler, amp=amp, logger=logger, print_freq=cfg.print_freq, global_step=global_step)
+            clip_grad=cfg.clip_grad, scaler=scaler, amp=amp, logger=logger, print_freq=cfg.print_freq, global_step=global_step)
         val_stats, _, _ = engine.evaluate(model, loaders["val"], task, nb_classes, amp=amp, header="Val",
                                           print_freq=cfg.print_freq)
         score = val_stats["score"]

@@ -69,20 +69,20 @@ def param_groups_lrd(model: paddle.nn.Layer, weight_decay: float = 0.05,
 
 
 def build_optimizer(model: paddle.nn.Layer, lr: float, weight_decay: float = 0.05, layer_decay: float = 0.75,
-                    clip_grad: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
+                    betas: tuple[float, float] = (0.9, 0.999),
                     eps: float = 1e-8) -> paddle.optimizer.AdamW:
     """AdamW over ``param_groups_lrd(model, weight_decay, layer_decay)`` starting at ``lr``.
 
-    ``clip_grad`` (a max global L2 norm, or None) becomes ``paddle.nn.ClipGradByGlobalNorm``. With AMP the
-    engine must unscale before clipping (``GradScaler.step`` / ``minimize`` does). The LR is meant to be set
+    No ``grad_clip`` is given to Paddle: with parameter groups, Paddle clips each group by its own norm,
+    whereas the reference clips the global norm over all parameters; the engine does that itself
+    (``paddle.nn.utils.clip_grad_norm_`` in ``engine_finetune.train_one_epoch``). The LR is meant to be set
     every iteration with ``util.lr_sched.adjust_learning_rate``.
     """
     groups = param_groups_lrd(model, weight_decay=weight_decay, layer_decay=layer_decay)
     if not groups:
         raise ValueError(f"build_optimizer: {type(model).__name__} has no trainable parameters")
-    grad_clip = paddle.nn.ClipGradByGlobalNorm(float(clip_grad)) if clip_grad else None
     return paddle.optimizer.AdamW(learning_rate=float(lr), parameters=groups, beta1=betas[0], beta2=betas[1],
-                                  epsilon=eps, weight_decay=float(weight_decay), grad_clip=grad_clip)
+                                  epsilon=eps, weight_decay=float(weight_decay))
 
 
 def group_learning_rates(optimizer: paddle.optimizer.Optimizer) -> list[tuple[str, float]]:
