@@ -175,8 +175,8 @@ def main(cfg) -> dict:
         load_pretrained(model, cfg.finetune, weights_dir=cfg.weights_dir, reinit_head=True, verbose=main_proc)
     elif main_proc:
         print(f"warning: no pretrained weights given (--finetune): {model_name} starts from random "
-              "initialisation; pass --finetune RETFound_mae_meh (a file in --weights_dir) or a path "
-              "to fine-tune a foundation model", file=sys.stderr, flush=True)
+              "initialisation; pass --finetune NAME|PATH to start from pretrained weights (e.g. "
+              "RETFound_mae_meh in --weights_dir for retfound_mae)", file=sys.stderr, flush=True)
 
     n_parameters = sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient)
     say(f"Model {model_name}: {n_parameters / 1e6:.2f} M trainable parameters, {nb_classes} classes")
