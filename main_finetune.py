@@ -22,8 +22,12 @@ import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+# Paddle warns at import that ccache (a compiler cache for C++ extensions, unused here) is missing.
+warnings.filterwarnings("ignore", message="No ccache found")
 
 from util.errors import UserError  # noqa: E402
 

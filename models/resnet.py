@@ -10,6 +10,10 @@ not reimplemented); He et al., "Deep Residual Learning for Image Recognition", C
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+
 import numpy as np
 import paddle
 from paddle import nn
@@ -18,6 +22,17 @@ from models.registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence PaddleClas's import and construction chatter (faiss loading, deprecation notes)."""
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 class PaddleClasResNet(nn.Layer):
@@ -31,10 +46,11 @@ class PaddleClasResNet(nn.Layer):
     def __init__(self, block_depth: list[int], block_type: str, num_channels: list[int], num_classes: int,
                  img_size: int = 224):
         super().__init__()
-        from paddleclas.ppcls.arch.backbone.legendary_models.resnet import ResNet
-
         config = {"block_type": block_type, "block_depth": block_depth, "num_channels": num_channels}
-        self.backbone = ResNet(config=config, stages_pattern=[], version="vb", class_num=num_classes)
+        with _quiet():
+            from paddleclas.ppcls.arch.backbone.legendary_models.resnet import ResNet
+
+            self.backbone = ResNet(config=config, stages_pattern=[], version="vb", class_num=num_classes)
         self.num_outputs = num_classes
         self.num_features = self.backbone.avg_pool_channels
         self.num_layers = len(block_depth) + 1
