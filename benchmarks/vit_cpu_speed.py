@@ -1,0 +1,283 @@
+"""CPU speed of our Paddle ViT against the PyTorch/timm reference, measured side by side in one run.
+
+Paddle (our toolkit) and PyTorch (the reference) live in different virtualenvs, so this script is a driver
+that runs itself as a worker subprocess under each interpreter, alternating sides round by round
+(paddle, torch / torch, paddle / ...). Both sides run the same workload: same ViT size, batch size, input
+size, fp32, thread count, number of warmup and timed steps, random inputs generated in memory (no data
+loading). Each worker measures
+
+* training img/s: forward + label-smoothing CE (0.1) + backward + AdamW step (weight decay 0.05),
+  drop_path 0.1, model in train mode. Paddle uses our layer-decay parameter groups
+  (util/lr_decay.build_optimizer, as main_finetune.py); torch uses plain AdamW with two groups
+  (decay / no decay), the optimizer *call* the reference makes, minus the per-layer LR scales;
+* inference img/s: eval mode, no grad, forward only.
+
+The driver prints the median over rounds per side and the Paddle/torch ratio. Because the other core of a
+shared machine may be busy, absolute numbers drift; running both sides alternately in the same run exposes
+them to the same load, so the *ratio* is what to compare between runs.
+
+Usage (from the repository root):
+    python benchmarks/vit_cpu_speed.py                      # ViT-B/16, batch 4, 3 rounds
+    python benchmarks/vit_cpu_speed.py --model large        # ViT-L/16 (RETFound size), slow
+    python benchmarks/vit_cpu_speed.py --paddle_env FLAGS_use_mkldnn=1   # try a Paddle flag
+
+References: timm ``vision_transformer.py`` / ``loss/cross_entropy.py`` (the reference model and loss),
+RETFound_MAE ``main_finetune.py`` (AdamW recipe).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PADDLE_PY = "/root/venv/bin/python"
+TORCH_PY = "/root/torchvenv/bin/python"
+
+# name -> (our registered model, embed dim, depth, heads)
+MODELS = {
+    "base": ("vit_base_patch16", 768, 12, 12),
+    "large": ("retfound_mae", 1024, 24, 16),
+    "test": ("vit_test", 32, 2, 2),
+}
+NUM_CLASSES = 5
+DROP_PATH = 0.1
+WEIGHT_DECAY = 0.05
+LAYER_DECAY = 0.65
+SMOOTHING = 0.1
+LR = 5e-4
+
+
+# ------------------------------------------------------------------------------------------------ workers
+def _time_steps(step, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def worker_paddle(a: argparse.Namespace) -> dict:
+    sys.path.insert(0, REPO)
+    import numpy as np
+    import paddle
+
+    import models
+    from engine_finetune import soft_cross_entropy
+    from util.lr_decay import build_optimizer
+
+    paddle.seed(0)
+    name = MODELS[a.model][0]
+    model = models.create_model(name, num_classes=NUM_CLASSES, drop_path_rate=DROP_PATH, global_pool=True,
+                                img_size=a.input_size)
+    rng = np.random.default_rng(0)
+    x = paddle.to_tensor(rng.standard_normal((a.batch_size, 3, a.input_size, a.input_size), dtype=np.float32))
+    y = paddle.to_tensor(rng.integers(0, NUM_CLASSES, a.batch_size).astype(np.int64))
+    if a.paddle_groups == "lrd":
+        opt = build_optimizer(model, LR, weight_decay=WEIGHT_DECAY, layer_decay=LAYER_DECAY)
+    else:
+        decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in model.no_weight_decay()]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and n not in model.no_weight_decay())]
+        opt = paddle.optimizer.AdamW(learning_rate=LR, weight_decay=WEIGHT_DECAY, parameters=[
+            {"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}])
+
+    def train_step():
+        opt.set_lr(LR)  # the engine sets the LR every iteration
+        loss = soft_cross_entropy(model(x), y, SMOOTHING)
+        float(loss)      # the engine reads the loss every step (non-finite check)
+        loss.backward()
+        opt.step()
+        opt.clear_grad()
+
+    def infer_step():
+        with paddle.no_grad():
+            model(x).numpy()
+
+    model.train()
+    train_times = _time_steps(train_step, a.warmup, a.steps)
+    model.eval()
+    infer_times = _time_steps(infer_step, a.warmup, a.steps)
+    flags = {}
+    for f in ("FLAGS_use_mkldnn",):
+        try:
+            flags.update(paddle.get_flags([f]))
+        except Exception:  # flag not known in this build
+            pass
+    return {"train_times": train_times, "infer_times": infer_times,
+            "version": f"paddle {paddle.__version__}", "groups": len(opt._param_groups), "flags": flags}
+
+
+def worker_torch(a: argparse.Namespace) -> dict:
+    import types
+    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+    from functools import partial
+
+    import numpy as np
+    import timm
+    import torch
+    from timm.layers import use_fused_attn
+    from timm.loss import LabelSmoothingCrossEntropy
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    _, dim, depth, heads = MODELS[a.model]
+    # RETFound's model: timm VisionTransformer, mean pooling over patch tokens -> fc_norm -> head
+    model = VisionTransformer(img_size=a.input_size, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads,
+                              mlp_ratio=4, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                              num_classes=NUM_CLASSES, drop_path_rate=DROP_PATH, global_pool="avg")
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((a.batch_size, 3, a.input_size, a.input_size), dtype=np.float32))
+    y = torch.from_numpy(rng.integers(0, NUM_CLASSES, a.batch_size).astype(np.int64))
+    skip = {"pos_embed", "cls_token"}
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in skip]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and n not in skip)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=LR)
+    criterion = LabelSmoothingCrossEntropy(SMOOTHING)
+
+    def train_step():
+        for g in opt.param_groups:
+            g["lr"] = LR
+        loss = criterion(model(x), y)
+        loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    def infer_step():
+        with torch.no_grad():
+            model(x).numpy()
+
+    model.train()
+    train_times = _time_steps(train_step, a.warmup, a.steps)
+    model.eval()
+    infer_times = _time_steps(infer_step, a.warmup, a.steps)
+    return {"train_times": train_times, "infer_times": infer_times,
+            "version": f"torch {torch.__version__} timm {timm.__version__}", "groups": len(opt.param_groups),
+            "flags": {"timm_fused_attn": bool(use_fused_attn()), "torch_threads": torch.get_num_threads()}}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def _run_worker(side: str, a: argparse.Namespace) -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(a.threads)
+    env["MKL_NUM_THREADS"] = str(a.threads)
+    env["PYTHONWARNINGS"] = "ignore"
+    if side == "paddle":
+        for kv in a.paddle_env:
+            k, _, v = kv.partition("=")
+            env[k] = v
+    cmd = [PADDLE_PY if side == "paddle" else TORCH_PY, os.path.abspath(__file__), "--worker", side,
+           "--model", a.model, "--batch_size", str(a.batch_size), "--input_size", str(a.input_size),
+           "--threads", str(a.threads), "--warmup", str(a.warmup), "--steps", str(a.steps),
+           "--paddle_groups", a.paddle_groups]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"vit_cpu_speed: the {side} worker failed (exit code {proc.returncode}); "
+                         f"its output is above")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _img_s(batch: int, times: list[float]) -> float:
+    return batch * len(times) / sum(times)
+
+
+def _load() -> str:
+    try:
+        return "load average %.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        return "load average n/a"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="base",
+                   help="base = ViT-B/16 (default), large = ViT-L/16 (RETFound), test = tiny smoke test")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS / torch.set_num_threads for both sides")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; each round runs both sides once")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones (train and eval)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per worker (train and eval)")
+    p.add_argument("--paddle_groups", choices=["lrd", "plain"], default="lrd",
+                   help="Paddle optimizer groups: lrd = our layer-decay groups (default, as main_finetune.py), "
+                        "plain = two groups like the torch side")
+    p.add_argument("--paddle_env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment variable for the Paddle worker only (repeatable), e.g. FLAGS_use_mkldnn=1")
+    p.add_argument("--json", default=None, help="also write all measurements to this JSON file")
+    p.add_argument("--worker", choices=["paddle", "torch"], default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    if a.worker:
+        res = worker_paddle(a) if a.worker == "paddle" else worker_torch(a)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    print(f"machine: {_cpu_name()}, nproc {os.cpu_count()}, Python {platform.python_version()}, {_load()} "
+          f"(before)")
+    print(f"workload: ViT-{a.model} ({MODELS[a.model][0]}), batch {a.batch_size}, {a.input_size}px, fp32, "
+          f"{a.threads} threads, {a.warmup} warmup + {a.steps} timed steps, {a.rounds} alternating rounds"
+          + (f", paddle env {' '.join(a.paddle_env)}" if a.paddle_env else ""))
+    results: dict[str, list[dict]] = {"paddle": [], "torch": []}
+    t_start = time.time()
+    for r in range(a.rounds):
+        order = ("paddle", "torch") if r % 2 == 0 else ("torch", "paddle")
+        for side in order:
+            res = _run_worker(side, a)
+            res["train_img_s"] = _img_s(a.batch_size, res["train_times"])
+            res["infer_img_s"] = _img_s(a.batch_size, res["infer_times"])
+            res["load_after"] = _load()
+            results[side].append(res)
+            print(f"  round {r + 1} {side:6s}: train {res['train_img_s']:7.3f} img/s, "
+                  f"infer {res['infer_img_s']:7.3f} img/s   ({res['load_after']})", flush=True)
+
+    med = {s: {k: statistics.median(x[k] for x in results[s]) for k in ("train_img_s", "infer_img_s")}
+           for s in results}
+    rng = {s: {k: (min(x[k] for x in results[s]), max(x[k] for x in results[s]))
+               for k in ("train_img_s", "infer_img_s")} for s in results}
+    print()
+    print(f"versions: {results['paddle'][0]['version']} ({results['paddle'][0]['groups']} optimizer groups, "
+          f"{results['paddle'][0]['flags']}); {results['torch'][0]['version']} "
+          f"({results['torch'][0]['groups']} optimizer groups, {results['torch'][0]['flags']})")
+    print(f"{'':18s}{'train img/s':>22s}{'inference img/s':>26s}")
+    for s in ("paddle", "torch"):
+        tr, inf = med[s]["train_img_s"], med[s]["infer_img_s"]
+        (tl, th), (il, ih) = rng[s]["train_img_s"], rng[s]["infer_img_s"]
+        print(f"{s:18s}{tr:8.3f} [{tl:.3f}-{th:.3f}]{inf:12.3f} [{il:.3f}-{ih:.3f}]")
+    rt = med["paddle"]["train_img_s"] / med["torch"]["train_img_s"]
+    ri = med["paddle"]["infer_img_s"] / med["torch"]["infer_img_s"]
+    print(f"{'ratio paddle/torch':18s}{rt:8.3f}{'':14s}{ri:12.3f}")
+    print(f"(medians over {a.rounds} rounds, [min-max]; sides alternate round by round so both see the same "
+          f"machine load - compare ratios, not absolute numbers, between runs; {_load()} (after), "
+          f"wall time {time.time() - t_start:.0f} s)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "results": results, "median": med,
+                       "ratio": {"train": rt, "infer": ri}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
