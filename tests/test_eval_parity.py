@@ -90,7 +90,8 @@ def test_probabilities_match_reference_per_image(eval_run, reference):
     assert eval_run["proc"].returncode == 0, eval_run["proc"].stderr[-3000:]
     rows = _read_csv(os.path.join(eval_run["run_dir"], "predictions_test.csv"))
     classes = reference["classes"]
-    assert list(rows[0].keys()) == ["index", "label", "prediction"] + [f"prob_{c}" for c in classes]
+    assert list(rows[0].keys()) == ["index", "file", "label", "prediction"] + [f"prob_{c}" for c in classes]
+    assert [r["file"] for r in rows] == reference["files"]  # same images, same (ImageFolder) order
     assert [int(r["index"]) for r in rows] == list(range(len(reference["files"])))
     # same order as torchvision ImageFolder (labels pin the class blocks, probabilities pin the files)
     assert [int(r["label"]) for r in rows] == reference["labels"]

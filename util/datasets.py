@@ -155,6 +155,10 @@ class ClassificationDataset(paddle.io.Dataset):
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.targets, minlength=len(self.class_names))
 
+    def sample_id(self, index: int) -> str:
+        """How a user finds sample ``index`` (a file path relative to the split, or an array index)."""
+        return f'{self.split}[{index}]'
+
     def describe(self) -> str:
         """One line for the log: source, size and images per class."""
         counts = ', '.join(f'{n}: {c}' for n, c in zip(self.class_names, self.class_counts()))
@@ -231,6 +235,9 @@ class ImageFolderDataset(ClassificationDataset):
 
     def load_image(self, index: int) -> Image.Image:
         return load_image(self.samples[index])
+
+    def sample_id(self, index: int) -> str:
+        return os.path.relpath(self.samples[index], os.path.join(self.data_path, self.split)).replace(os.sep, '/')
 
 
 @register_dataset_format('npz')
