@@ -80,6 +80,7 @@ def test_eval_resume_reproduces_saved_test_metrics(trained_run, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     saved = read_csv(run / "metrics_test.csv")[0]
     again = read_csv(tmp_path / "ev" / "metrics_test.csv")[0]
+    assert (tmp_path / "ev" / "config_eval.yaml").is_file() and not (tmp_path / "ev" / "config.yaml").exists()
     for k in COLUMNS:
         assert float(again[k]) == pytest.approx(float(saved[k]), abs=1e-6, nan_ok=True), k
 
