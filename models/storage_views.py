@@ -16,6 +16,7 @@ References: PyTorch ``torch/serialization.py`` (storage records, zip entry layou
 """
 from __future__ import annotations
 
+import abc
 import mmap
 import os
 import struct
@@ -42,7 +43,7 @@ class _TensorRef:
         self.dtype = storage.dtype if dtype is None else dtype
 
 
-class _StorageSource:
+class _StorageSource(abc.ABC):
     """Gives the raw bytes of a storage as a 1-D numpy array (a view of the mapped file when possible)."""
 
     def __init__(self, path: str, use_mmap: bool, big_endian: bool):
@@ -57,8 +58,9 @@ class _StorageSource:
             except (OSError, ValueError):
                 self._mm = None
 
-    def locate(self, key: str) -> tuple[int, int]:  # pragma: no cover - implemented by subclasses
-        raise NotImplementedError
+    @abc.abstractmethod
+    def locate(self, key: str) -> tuple[int, int]:
+        """(byte offset, byte length) of storage ``key`` in the file."""
 
     def read_raw(self, key: str) -> np.ndarray | None:
         return None

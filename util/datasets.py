@@ -14,6 +14,7 @@ MedMNIST v2 npz layout (Yang et al., Scientific Data 2023).
 """
 from __future__ import annotations
 
+import abc
 import os
 from typing import Callable
 
@@ -97,7 +98,7 @@ def _to_unit_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
 
 
-class ClassificationDataset(paddle.io.Dataset):
+class ClassificationDataset(paddle.io.Dataset, abc.ABC):
     """Single-label image classification; subclasses fill ``class_names``, ``targets`` and
     implement ``load_image(i)``."""
 
@@ -117,8 +118,9 @@ class ClassificationDataset(paddle.io.Dataset):
     def detect(data_path: str) -> bool:
         return False
 
+    @abc.abstractmethod
     def load_image(self, index: int) -> Image.Image:
-        raise NotImplementedError
+        """The image of sample ``index`` as RGB (raise ``UserError`` naming the file when unreadable)."""
 
     def __len__(self) -> int:
         return len(self.targets)
