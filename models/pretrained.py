@@ -166,7 +166,11 @@ def load_pretrained(model: paddle.nn.Layer, source: str, weights_dir: str = "./w
     head_loaded = bool(head_keys) and all(k in new_sd for k in head_keys)
     head_reset = (not head_loaded) if reinit_head is None else bool(reinit_head)
     if head_reset and hasattr(model, "reset_head"):
+        # the reference re-draws only the head weight; a bias that came from the checkpoint stays
+        kept_bias = model.head.bias.numpy().copy() if head_loaded else None
         model.reset_head(2e-5)
+        if kept_bias is not None:
+            model.head.bias.set_value(kept_bias)
 
     resized = None
     if "pos_embed" in sd and "pos_embed" in new_sd and sd["pos_embed"].shape != new_sd["pos_embed"].shape:

@@ -116,6 +116,10 @@ def test_reinit_head_true_follows_reference_main_finetune(ref):
     m = ref_vit(64, 5, True)
     rep = load_pretrained(m, FT_GP, reinit_head=True, verbose=False)
     assert rep["head_reset"] is True and m.head.weight.numpy().std() < 1e-4
+    # trunc_normal_(model.head.weight) only: the loaded bias is kept, as in RETFound's main_finetune.py
+    sd, _ = read_paddle_state_dict(FT_GP)
+    assert np.abs(sd["head.bias"]).max() > 0
+    np.testing.assert_array_equal(m.head.bias.numpy(), sd["head.bias"])
 
 
 def test_pdparams_are_loaded_without_transposing(ref, tmp_path):
