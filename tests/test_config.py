@@ -1,5 +1,4 @@
 """util.config: precedence default < YAML preset < CLI, YAML checking and coercion, reference command line."""
-import argparse
 import os
 import shlex
 

@@ -5,7 +5,6 @@ and stored ``tensor.numpy()`` of every tensor in expected.npz (regenerate with t
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -442,7 +441,7 @@ def test_cli_round_trip_into_paddle_layer(tmp_path, capsys):
     n_model = len(META['mae_checkpoint.pth']['model_keys'])
     dropped = [k for k in META['mae_checkpoint.pth']['model_keys'] if is_mae_decoder_key(k)]
     enc_linear = [k for k in META['mae_checkpoint.pth']['linear_weights'] if not is_mae_decoder_key(k)]
-    assert f"entry 'model', epoch 799, args.model mae_vit_large_patch16" in out
+    assert "entry 'model', epoch 799, args.model mae_vit_large_patch16" in out
     assert f'kept {n_model - len(dropped)} arrays' in out
     assert f'transposed {len(enc_linear)} Linear weights: blocks.0.attn.qkv.weight' in out
     assert f'dropped {len(dropped)} MAE decoder keys' in out and 'mask_token' in out

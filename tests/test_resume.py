@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import paddle
-import pytest
 
 import engine_finetune
 import main_finetune
