@@ -316,6 +316,11 @@ def fit(*, cfg, model, bare_model, loaders, task, nb_classes, class_names, amp, 
                             best_score=best_score, meta=meta, extra={"best_epoch": best_epoch})
         D.barrier()
     say(f"Training time {time.time() - t0:.0f}s; best val score {best_score:.4f} at epoch {best_epoch}")
+    if logger.enabled:
+        from util.plots import save_training_curves_png
+
+        save_training_curves_png(os.path.join(run_dir, "log.txt"), os.path.join(run_dir, "training_curves.png"),
+                                 best_epoch=best_epoch)
 
     # the test runs once, on the best checkpoint
     if best_path and os.path.isfile(best_path):

@@ -36,7 +36,7 @@ def trained_run(tmp_path_factory):
 def test_training_writes_every_output(trained_run):
     run = trained_run["run"]
     for name in ["config.yaml", "run_info.json", "log.txt", "metrics_val.csv", "metrics_test.csv",
-                 "confusion_matrix_test.png", "checkpoint-best.pdparams", "checkpoint-last.pdparams",
+                 "confusion_matrix_test.png", "training_curves.png", "checkpoint-best.pdparams", "checkpoint-last.pdparams",
                  "predictions_test.csv"]:
         assert (run / name).is_file(), f"{name} missing; have {sorted(os.listdir(run))}"
     # log.txt: one JSON line per epoch with the reference keys
@@ -50,8 +50,9 @@ def test_training_writes_every_output(trained_run):
     assert list(val_rows[0].keys()) == COLUMNS and len(val_rows) == 2
     test_rows = read_csv(run / "metrics_test.csv")
     assert len(test_rows) == 1
-    # the confusion matrix is a real PNG
-    assert (run / "confusion_matrix_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the plots are real PNGs
+    for png in ["confusion_matrix_test.png", "training_curves.png"]:
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     # VisualDL event file
     assert any(n.startswith("vdlrecords") for n in os.listdir(run)), os.listdir(run)
 
