@@ -242,6 +242,7 @@ def fit(*, cfg, model, bare_model, loaders, task, nb_classes, class_names, amp, 
     from util.checkpoint import load_checkpoint, load_optimizer_state_by_name, save_checkpoint, set_rng_state
     from util.lr_decay import build_optimizer
     from util.lr_sched import adjust_learning_rate, effective_lr
+    from util.metrics import selection_value
 
     world = D.get_world_size()
     lr = effective_lr(cfg.blr, cfg.lr, cfg.batch_size, cfg.accum_iter, world)
@@ -294,8 +295,7 @@ def fit(*, cfg, model, bare_model, loaders, task, nb_classes, class_names, amp, 
             global_step=global_step)
         val_stats, _, _ = engine.evaluate(model, loaders["val"], task, nb_classes, amp=amp, header="Val",
                                           print_freq=cfg.print_freq)
-        score = val_stats["score"]
-        score = -math.inf if score is None or not math.isfinite(score) else score
+        score = selection_value(val_stats["score"])
         improved = score > best_score or best_epoch < 0  # the first epoch is kept even with an undefined score
         if improved:
             best_score, best_epoch = score, epoch

@@ -25,6 +25,7 @@ import numpy as np
 from models.checkpoint_io import (PADDLE_EXTENSIONS, SAFETENSORS_EXTENSIONS, SUPPORTED_EXTENSIONS,
                                   TORCH_EXTENSIONS, read_checkpoint)
 from util.errors import UserError
+from util.fileio import atomic_path
 
 # Where a state dict sits inside a training checkpoint, in order of precedence: the raw weights
 # ('model', as MAE/RETFound and timm's train script save them) win over an EMA copy.
@@ -217,20 +218,13 @@ def save_pdparams(sd: dict[str, np.ndarray], path: str) -> None:
     Pickled without the memo (``fast`` mode) and with non-contiguous arrays made contiguous one at a
     time, so peak memory stays at about one array instead of the whole file.
     """
-    path = os.fspath(path)
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
+    with atomic_path(os.fspath(path), suffix='.pdparams') as tmp:
         with open(tmp, 'wb') as f:
             pickler = _ContiguousPickler(f, protocol=4)
             pickler.fast = True  # a flat dict of arrays has no shared or recursive references
             pickler.dump({k: v for k, v in sd.items()})
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _names(names: list[str], n: int = 4) -> str:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 
 import numpy as np
 import paddle
 
 from util.errors import UserError
+from util.fileio import atomic_path
 
 # Fields of ``meta`` that must agree for a resume to make sense.
 RESUME_KEYS = ("model", "nb_classes", "class_names", "input_size", "global_pool", "data_path", "task_type")
@@ -22,17 +22,8 @@ RESUME_KEYS = ("model", "nb_classes", "class_names", "input_size", "global_pool"
 
 def atomic_save(obj, path: str) -> None:
     """``paddle.save`` to ``path`` through a temporary file, so ``path`` is never half-written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pdparams", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".pdparams") as tmp:
         paddle.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def rng_state() -> dict:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import tempfile
 from typing import Any
 
 import yaml
 
 from util.errors import UserError, close_matches
+from util.fileio import atomic_path
 
 _LAUNCHER_NOTE = "accepted for compatibility with the reference launcher and ignored"
 
@@ -351,14 +351,7 @@ def save_config(cfg: argparse.Namespace, path: str) -> str:
     text = f"# Resolved fine-tuning config (preset: {getattr(cfg, 'config', None) or 'none'}). " \
            f"Re-run with: --config {os.path.basename(path)}\n"
     text += yaml.safe_dump(config_to_dict(cfg), sort_keys=True, default_flow_style=False)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix='.yaml.tmp')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf8') as f:
+    with atomic_path(path, suffix='.yaml') as tmp:
+        with open(tmp, 'w', encoding='utf8') as f:
             f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

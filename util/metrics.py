@@ -23,13 +23,13 @@ References: RETFound_MAE engine_finetune.evaluate (rmaphoh/RETFound_MAE); scikit
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import warnings
 from typing import Sequence
 
 import numpy as np
 from sklearn import metrics as skm
+
+from util.fileio import atomic_path
 
 # CSV column order; the first ten are the reference's order.
 METRIC_COLUMNS = ['val_loss', 'accuracy', 'f1', 'roc_auc', 'hamming', 'jaccard', 'precision', 'recall',
@@ -234,14 +234,6 @@ def save_confusion_matrix_png(cm: np.ndarray, class_names: Sequence[str] | None,
                         color='white' if norm[t, p] > 0.5 else 'black')
     fig.tight_layout()
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix='.png.tmp')
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix='.png') as tmp:
         fig.savefig(tmp, format='png')
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

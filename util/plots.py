@@ -10,6 +10,8 @@ import json
 import math
 import os
 
+from util.fileio import atomic_path
+
 
 def _series(records: list[dict], key: str) -> list[float]:
     out = []
@@ -50,7 +52,6 @@ def save_training_curves_png(log_path: str, path: str, best_epoch: int | None = 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     return path
