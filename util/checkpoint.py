@@ -88,15 +88,20 @@ def save_checkpoint(path: str, *, model, optimizer=None, scaler=None, epoch: int
     atomic_save(state, path)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load one of our checkpoints; a missing or unreadable file raises ``UserError``."""
+def _read(path: str):
+    """``paddle.load`` with the two user errors: a missing file and an unreadable one."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: checkpoint not found; pass an existing file to --resume")
     try:
-        state = paddle.load(path)
+        return paddle.load(path)
     except Exception as exc:  # corrupt or foreign file
         raise UserError(f"{path}: could not read the checkpoint ({type(exc).__name__}: {exc}); "
-                        "pass a checkpoint written by this toolkit or a RETFound .pth file") from exc
+                        "pass a checkpoint written by this toolkit, a converted .pdparams or a RETFound .pth") from exc
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load one of our checkpoints; a missing or unreadable file raises ``UserError``."""
+    state = _read(path)
     if not isinstance(state, dict) or "model" not in state:
         keys = list(state)[:10] if isinstance(state, dict) else type(state).__name__
         raise UserError(f"{path}: not a checkpoint of this toolkit (top-level keys {keys}, expected 'model')")
@@ -110,16 +115,12 @@ def is_toolkit_checkpoint(state) -> bool:
 def read_toolkit_checkpoint(path: str) -> dict | None:
     """The checkpoint at ``path`` if this toolkit wrote it (``.pdparams`` with ``meta``), else ``None``
     (a RETFound ``.pth``, a converted state dict, ...); a missing file raises ``UserError``."""
+    if path.lower().endswith(".pdparams"):
+        state = _read(path)
+        return state if is_toolkit_checkpoint(state) else None
     if not os.path.isfile(path):
         raise UserError(f"{path}: checkpoint not found; pass an existing file to --resume")
-    if not path.lower().endswith(".pdparams"):
-        return None
-    try:
-        state = paddle.load(path)
-    except Exception as exc:
-        raise UserError(f"{path}: could not read the checkpoint ({type(exc).__name__}: {exc}); "
-                        "pass a checkpoint written by this toolkit, a converted .pdparams or a .pth") from exc
-    return state if is_toolkit_checkpoint(state) else None
+    return None
 
 
 def check_resume_compatible(saved_meta: dict, meta: dict, path: str) -> None:
