@@ -85,8 +85,7 @@ class AmpConfig:
 
 def train_one_epoch(model, criterion: Callable, data_loader, optimizer, epoch: int, *,
                     set_lr: Callable[[float], float], accum_iter: int = 1, clip_grad: float | None = None,
-                    scaler=None,
-                    amp: AmpConfig | None = None, logger=None, print_freq: int = 20,
+                    scaler=None, amp: AmpConfig | None = None, logger=None, print_freq: int = 20,
                     global_step: int = 0) -> tuple[dict, int]:
     """Train for one epoch.
 
@@ -135,15 +134,14 @@ def train_one_epoch(model, criterion: Callable, data_loader, optimizer, epoch: i
                 optimizer.step()
             optimizer.clear_grad()
             global_step += 1
-            reduced = all_reduce_mean(loss_value) if distributed else loss_value
+            reduced = all_reduce_mean(loss_value)  # collective: every rank calls it, logger or not
             if logger is not None:
                 logger.scalar("train/loss", reduced, global_step)
                 logger.scalar("train/lr", lr, global_step)
         loss_sum += loss_value
         count += 1
         progress.update(step, loss=loss_value, lr=lr)
-    mean_loss = all_reduce_mean(loss_sum / max(count, 1)) if distributed else loss_sum / max(count, 1)
-    return {"loss": mean_loss, "lr": lr}, global_step
+    return {"loss": all_reduce_mean(loss_sum / max(count, 1)), "lr": lr}, global_step
 
 
 @paddle.no_grad()
