@@ -19,6 +19,7 @@ import paddle
 from paddle import nn
 
 from models.registry import register_model
+from models.vit import trunc_normal_
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,9 +80,8 @@ class PaddleClasResNet(nn.Layer):
         return set()
 
     def reset_head(self, std: float = 2e-5) -> None:
-        w = self.head.weight
-        values = np.random.normal(0.0, std, size=w.shape).clip(-2.0, 2.0)
-        w.set_value(values.astype(np.float32))
+        """Head weight ~ trunc_normal(std) (the ViT's initialiser, timm semantics), bias zero."""
+        trunc_normal_(self.head.weight, std=std)
         self.head.bias.set_value(np.zeros(self.head.bias.shape, dtype=np.float32))
 
     def prepare_pretrained(self, state_dict: dict) -> tuple[dict, set[str]]:
