@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # bash run.sh demo                 fine-tune ResNet-18 on the bundled RetinaMNIST (CPU, a few minutes)
 # bash run.sh [DATASET ...]        RETFound benchmark from configs/<dataset>.yaml (default: all eight)
+# bash run.sh SEED_PRESET ...      a seed system from configs/<preset>.yaml: multilabel_effb4, external_eye_effb4,
+#                                  dr_regression_effv2m, odir_dual_convnext, odir_dual_resnet50, odir_dual_retfound
 #
 # Environment: DATA_ROOT (default ./data) holds one folder per dataset (train/ val/ test/ <class>/);
 # WEIGHTS_DIR (default ./weights) holds RETFound_mae_meh.pth or .pdparams; OUTPUT_DIR (default ./output_dir);
@@ -39,13 +41,36 @@ declare -A folder=(
   [octid]=OCTID [retina]=Retina [aptos2019]=APTOS2019 [jsiec]=JSIEC
   [idrid]=IDRiD [messidor2]=MESSIDOR2 [papila]=PAPILA [glaucoma_fundus]=Glaucoma_fundus
 )
+# seed presets: data under DATA_ROOT (see each preset's header), weights in WEIGHTS_DIR
+declare -A seed_data=(
+  [multilabel_effb4]=multilabel_fundus/labels_image_centric_4_class_clean.csv
+  [external_eye_effb4]=external_eye
+  [dr_regression_effv2m]=dr_grading/labels.csv
+  [odir_dual_convnext]=ODIR-5K/data.xlsx
+  [odir_dual_resnet50]=ODIR-5K/data.xlsx
+  [odir_dual_retfound]=ODIR-5K/data.xlsx
+)
 [ ${#names[@]} -eq 0 ] && names=(octid retina aptos2019 jsiec idrid messidor2 papila glaucoma_fundus)
 
 runs=()
 failed=0
 for name in "${names[@]}"; do
+  if [ -n "${seed_data[$name]:-}" ]; then
+    data="$DATA_ROOT/${seed_data[$name]}"
+    if [ ! -e "$data" ]; then
+      echo "skipping $name: $data not found (see configs/$name.yaml for the expected files)"
+      continue
+    fi
+    echo "=== $name: $data -> $OUTPUT_DIR/$name"
+    if ! launch --config "configs/$name.yaml" --data_path "$data" --weights_dir "$WEIGHTS_DIR" \
+        --output_dir "$OUTPUT_DIR" --task "$name" "${extra[@]}"; then
+      echo "run.sh: $name failed" >&2; failed=1
+    fi
+    runs+=("$OUTPUT_DIR/$name")
+    continue
+  fi
   if [ -z "${folder[$name]:-}" ]; then
-    echo "run.sh: unknown dataset '$name' (known: demo ${!folder[*]})" >&2; exit 2
+    echo "run.sh: unknown dataset '$name' (known: demo ${!folder[*]} ${!seed_data[*]})" >&2; exit 2
   fi
   data="$DATA_ROOT/${folder[$name]}"
   if [ ! -d "$data" ]; then

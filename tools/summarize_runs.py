@@ -12,6 +12,16 @@ import os
 import sys
 
 COLUMNS = ("accuracy", "f1", "roc_auc", "kappa", "kappa_quadratic", "average_precision")
+# the headline columns of the other task types' metrics_test.csv
+MULTILABEL_COLUMNS = ("f1_macro", "f1_micro", "roc_auc", "map", "odir_final", "f1_macro_tuned")
+REGRESSION_COLUMNS = ("accuracy", "f1", "kappa_quadratic", "mae", "f1_tuned", "kappa_quadratic_tuned")
+
+
+def columns_for(row: dict) -> tuple[str, ...]:
+    for cols in (MULTILABEL_COLUMNS, REGRESSION_COLUMNS):
+        if cols[-1] in row:
+            return cols
+    return COLUMNS
 
 # MedMNIST v2 (Yang et al., Scientific Data 2023), RetinaMNIST test set: (AUROC, accuracy).
 RETINAMNIST_PUBLISHED = {
@@ -39,16 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo", action="store_true", help="compare with the published RetinaMNIST numbers")
     a = p.parse_args(argv)
     width = max(len(os.path.basename(os.path.normpath(r))) for r in a.runs) + 2
-    print("run".ljust(width) + "".join(c.rjust(18) for c in COLUMNS))
-    missing = 0
+    missing, header = 0, None
     for run in a.runs:
         row = read_last_row(os.path.join(run, "metrics_test.csv"))
         name = os.path.basename(os.path.normpath(run)).ljust(width)
+        cols = columns_for(row) if row is not None else header or COLUMNS
+        if cols != header:  # a header line whenever the task type (and so the columns) changes
+            print("run".ljust(width) + "".join(c.rjust(18) for c in cols))
+            header = cols
         if row is None:
             print(name + "  (no metrics_test.csv: the run did not finish)")
             missing += 1
             continue
-        print(name + "".join(f"{float(row[c]):18.4f}" if c in row else "-".rjust(18) for c in COLUMNS))
+        print(name + "".join(f"{float(row[c]):18.4f}" if row.get(c) not in (None, "") else "-".rjust(18)
+                             for c in cols))
         if a.demo:
             auc, acc = float(row["roc_auc"]), float(row["accuracy"])
             print("\nRetinaMNIST test set       AUROC   accuracy")

@@ -69,11 +69,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--model', default='retfound_mae', type=str,
                    help='registered model name (reference spellings such as RETFound_mae resolve too)')
     g.add_argument('--input_size', default=224, type=int, help='image size')
+    g.add_argument('--crop_pct', default=None, type=float,
+                   help="eval resize = input_size / crop_pct then centre crop (default: the model's, RETFound: "
+                        "224/256 up to 224 px, else 1.0); also the resize before the basic policy's random crop")
     g.add_argument('--drop_path', default=0.2, type=float, help='stochastic depth rate')
     g.add_argument('--global_pool', default=True, action=b,
                    help='mean-pool the patch tokens (+ fc_norm); --no-global_pool uses the cls token')
     g.add_argument('--cls_token', action='store_false', dest='global_pool',
                    help='reference spelling of --no-global_pool')
+    g.add_argument('--freeze_backbone', default=False, action=b,
+                   help='train only the head (every parameter the model places below its head is frozen)')
 
     g = p.add_argument_group('optimizer')
     g.add_argument('--clip_grad', default=None, type=float, help='clip gradients to this global L2 norm')
@@ -84,10 +89,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--layer_decay', default=0.65, type=float, help='layer-wise LR decay')
     g.add_argument('--min_lr', default=1e-6, type=float, help='LR at the end of the cosine schedule')
     g.add_argument('--warmup_epochs', default=10.0, type=float, help='linear warmup epochs (fractions allowed)')
+    g.add_argument('--opt', default='adamw', choices=['adamw', 'adam', 'sgd'],
+                   help='optimizer (adam and sgd apply --weight_decay as L2, as torch does)')
+    g.add_argument('--momentum', default=0.9, type=float, help='SGD momentum')
+    g.add_argument('--backbone_lr_scale', default=1.0, type=float,
+                   help='LR multiplier of the backbone relative to the head (e.g. 0.1), on top of --layer_decay')
+    g.add_argument('--sched', default='cosine', choices=['cosine', 'step', 'plateau'],
+                   help='LR schedule after the warmup: per-iteration half-cycle cosine (reference), step decay '
+                        '(x --step_gamma every --step_size epochs) or reduce-on-plateau of --plateau_metric')
+    g.add_argument('--step_size', default=10, type=int, help="epochs between decays (--sched step)")
+    g.add_argument('--step_gamma', default=0.1, type=float, help='decay factor (--sched step)')
+    g.add_argument('--plateau_metric', default='', type=str,
+                   help='validation metric watched by --sched plateau (default: --val_metric)')
+    g.add_argument('--plateau_patience', default=10, type=int,
+                   help='epochs without improvement before the LR is reduced (--sched plateau)')
+    g.add_argument('--plateau_factor', default=0.1, type=float, help='LR reduction factor (--sched plateau)')
 
     g = p.add_argument_group('augmentation')
     g.add_argument('--color_jitter', default=None, type=float,
                    help='colour jitter factor (used only when --aa is disabled)')
+    g.add_argument('--train_aug', default='retfound', choices=['retfound', 'basic'],
+                   help='train augmentation: the RETFound recipe (random resized crop, RandAugment, erasing) or '
+                        'basic (resize, random crop, flips, rotation, optional colour jitter) as the CNN seeds use')
+    g.add_argument('--hflip', default=0.5, type=float, help='horizontal flip probability')
+    g.add_argument('--vflip', default=0.0, type=float, help='vertical flip probability (basic and dual-eye)')
+    g.add_argument('--rotation', default=15.0, type=float, help='max rotation in degrees (basic and dual-eye)')
+    g.add_argument('--fundus_crop', default='none', choices=['none', 'fov', 'circle', 'fov_circle'],
+                   help='fundus preprocessing before augmentation: crop the black border (fov), the inscribed '
+                        'circle (circle), or fov -> circle -> fov')
+    g.add_argument('--fov_threshold', default=10, type=int,
+                   help='grey level (0-255) above which a pixel belongs to the field of view')
+    g.add_argument('--preprocess_size', default=0, type=int,
+                   help='resize the preprocessed image so its shorter side is this (0: keep)')
+    g.add_argument('--cache_dir', default='', type=str,
+                   help='keep preprocessed images here so large originals are decoded once (default: no cache)')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', type=str,
                    help="RandAugment policy (timm syntax); '' or 'none' disables it")
     g.add_argument('--smoothing', default=0.1, type=float,
@@ -105,6 +140,49 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--mixup_switch_prob', default=0.5, type=float)
     g.add_argument('--mixup_mode', default='batch', choices=['batch', 'pair', 'elem'])
 
+    g = p.add_argument_group('task, loss and model selection')
+    g.add_argument('--task_type', default='', choices=['', 'single_label', 'multi_label', 'regression'],
+                   help="override the dataset's task (e.g. single_label on a grading CSV); default: the dataset's")
+    g.add_argument('--loss', default='auto', choices=['auto', 'ce', 'bce', 'focal', 'hybrid', 'smooth_l1', 'mse'],
+                   help='auto: ce (single-label), bce (multi-label), smooth_l1 (regression); hybrid = 0.5 bce + '
+                        '0.5 focal')
+    g.add_argument('--class_weights', default=False, action=b,
+                   help='weight the cross-entropy by inverse class frequency of the training split')
+    g.add_argument('--pos_weight', default=False, action=b,
+                   help='multi-label BCE pos_weight = negatives / positives per label on the training split')
+    g.add_argument('--focal_alpha', default=0.25, type=float, help='focal loss alpha')
+    g.add_argument('--focal_gamma', default=2.0, type=float, help='focal loss gamma')
+    g.add_argument('--val_metric', default='', type=str,
+                   help='validation metric that picks the best checkpoint (default: score for single-label, '
+                        'roc_auc for multi-label, kappa_quadratic for regression)')
+    g.add_argument('--tune_thresholds', default=None, action=b,
+                   help='tune decision thresholds on validation and apply them at test (default: on for '
+                        'multi-label, off for regression)')
+    g.add_argument('--per_class_report', default=False, action=b,
+                   help='print per-class precision/recall/F1 after every epoch (always written to '
+                        'per_class_val.csv)')
+    g.add_argument('--balanced_sampler', default=False, action=b,
+                   help='draw training samples with probability inversely proportional to label frequency')
+
+    g = p.add_argument_group('dataset format (CSV and dual-eye tables)')
+    g.add_argument('--data_format', default='', type=str,
+                   help='folder, npz, csv_multilabel, csv_grading or odir (default: detected from --data_path)')
+    g.add_argument('--image_col', default=None, type=str, help='CSV column with the image path')
+    g.add_argument('--label_cols', default=None, type=str, help='comma-separated label columns of a CSV')
+    g.add_argument('--grade_col', default=None, type=str, help='CSV column with the numeric grade')
+    g.add_argument('--split_col', default=None, type=str, help='CSV column naming the split (train/val/test)')
+    g.add_argument('--val_ratio', default=0.15, type=float, help='validation fraction when the data is split here')
+    g.add_argument('--test_ratio', default=0.15, type=float,
+                   help='test fraction when the data is split here (0: test on the validation split)')
+    g.add_argument('--split_seed', default=0, type=int, help='seed of the split made here')
+    g.add_argument('--image_root', default=None, type=str,
+                   help='folder the image paths of a table are relative to (default: the table\'s folder)')
+    g.add_argument('--left_col', default=None, type=str, help='paired table: left-eye image column')
+    g.add_argument('--right_col', default=None, type=str, help='paired table: right-eye image column')
+    g.add_argument('--patient_col', default=None, type=str, help='paired table: patient id column (splits by patient)')
+    g.add_argument('--eye_mode', default='dual', choices=['dual', 'per_eye'],
+                   help='dual: one sample per patient (left, right); per_eye: one sample per eye image')
+
     g = p.add_argument_group('weights and data')
     g.add_argument('--finetune', default='', type=str,
                    help='pre-trained weights: a local file, or a name such as RETFound_mae_meh looked up in '
@@ -113,7 +191,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--task', default='', type=str,
                    help='run folder name under --output_dir (default: derived from model and data)')
     g.add_argument('--data_path', default=None, type=str,
-                   help='class-folder root (<root>/train|val|test/<class>/) or .npz file; required')
+                   help='class-folder root (<root>/train|val|test/<class>/), .npz file, CSV table (multi-label '
+                        'or grading), folder of train/val/test CSVs, or ODIR-5K .xlsx/.csv; required')
     g.add_argument('--nb_classes', default=None, type=int, help='number of classes (default: from the data)')
     g.add_argument('--output_dir', default='./output_dir', type=str)
     g.add_argument('--log_dir', default=None, type=str, help='VisualDL log folder (default: none)')
@@ -325,6 +404,30 @@ def validate_config(cfg: argparse.Namespace) -> None:
              'raise --epochs or lower --start_epoch')
     if cfg.nb_classes is not None and cfg.nb_classes < 1:
         fail('nb_classes', 'out of range', 'expected 1 or more', 'pass the number of classes or leave it out')
+    for flag in ('hflip', 'vflip', 'focal_alpha'):
+        if not 0.0 <= getattr(cfg, flag) <= 1.0:
+            fail(flag, 'out of range', 'expected a value in [0, 1]', 'fix the value')
+    for flag in ('val_ratio', 'test_ratio'):
+        if not 0.0 <= getattr(cfg, flag) < 1.0:
+            fail(flag, 'out of range', 'expected a fraction in [0, 1)', 'e.g. 0.15')
+    if cfg.val_ratio + cfg.test_ratio >= 1.0:
+        fail('val_ratio', f'plus --test_ratio {cfg.test_ratio} leaves no training data', 'expected a sum < 1',
+             'lower the ratios')
+    for flag in ('rotation', 'focal_gamma', 'preprocess_size', 'plateau_patience', 'momentum'):
+        if getattr(cfg, flag) < 0:
+            fail(flag, 'is negative', 'expected 0 or more', 'fix the value')
+    if not 0 <= cfg.fov_threshold <= 255:
+        fail('fov_threshold', 'out of range', 'expected a grey level 0..255', 'e.g. --fov_threshold 10')
+    if not 0.0 < cfg.backbone_lr_scale:
+        fail('backbone_lr_scale', 'out of range', 'expected > 0; use --freeze_backbone to stop the backbone',
+             'e.g. --backbone_lr_scale 0.1')
+    if cfg.crop_pct is not None and not 0.0 < cfg.crop_pct <= 1.0:
+        fail('crop_pct', 'out of range', 'expected 0 < crop_pct <= 1', 'e.g. --crop_pct 0.875')
+    if cfg.step_size < 1:
+        fail('step_size', 'out of range', 'expected 1 or more epochs', 'e.g. --step_size 10')
+    for flag in ('step_gamma', 'plateau_factor'):
+        if not 0.0 < getattr(cfg, flag) < 1.0:
+            fail(flag, 'out of range', 'expected a factor in (0, 1)', 'e.g. 0.1')
     if cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None:
         raise UserError(f"--mixup {cfg.mixup} / --cutmix {cfg.cutmix} / --cutmix_minmax {cfg.cutmix_minmax}: "
                         f"mixup and cutmix are not implemented in this toolkit yet (expected --mixup 0 --cutmix 0 "
