@@ -46,7 +46,7 @@ def test_recipe_defaults():
                      step_size=10, step_gamma=0.1, plateau_metric='', plateau_patience=10, plateau_factor=0.1,
                      train_aug='retfound', hflip=0.5, vflip=0.0, rotation=15.0, fundus_crop='none',
                      fov_threshold=10, preprocess_size=0, cache_dir='', task_type='', loss='auto',
-                     class_weights=False, pos_weight=False, focal_alpha=0.25, focal_gamma=2.0, val_metric='',
+                     class_weights=False, pos_weight=False, focal_alpha=None, focal_gamma=None, val_metric='',
                      tune_thresholds=None, per_class_report=False, balanced_sampler=False, data_format='',
                      image_col=None, label_cols=None, grade_col=None, split_col=None, val_ratio=0.15,
                      test_ratio=0.15, split_seed=0, image_root=None, left_col=None, right_col=None,

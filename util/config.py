@@ -150,8 +150,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='weight the cross-entropy by inverse class frequency of the training split')
     g.add_argument('--pos_weight', default=False, action=b,
                    help='multi-label BCE pos_weight = negatives / positives per label on the training split')
-    g.add_argument('--focal_alpha', default=0.25, type=float, help='focal loss alpha')
-    g.add_argument('--focal_gamma', default=2.0, type=float, help='focal loss gamma')
+    g.add_argument('--focal_alpha', default=None, type=float,
+                   help='focal loss alpha in [0, 1] (-1: none); default 0.25 for focal, 0.3 for hybrid')
+    g.add_argument('--focal_gamma', default=None, type=float,
+                   help='focal loss gamma; default 2.0 for focal, 2.5 for hybrid')
     g.add_argument('--val_metric', default='', type=str,
                    help='validation metric that picks the best checkpoint (default: score for single-label, '
                         'roc_auc for multi-label, kappa_quadratic for regression)')
@@ -404,7 +406,9 @@ def validate_config(cfg: argparse.Namespace) -> None:
              'raise --epochs or lower --start_epoch')
     if cfg.nb_classes is not None and cfg.nb_classes < 1:
         fail('nb_classes', 'out of range', 'expected 1 or more', 'pass the number of classes or leave it out')
-    for flag in ('hflip', 'vflip', 'focal_alpha'):
+    if cfg.focal_alpha is not None and not (0.0 <= cfg.focal_alpha <= 1.0 or cfg.focal_alpha == -1):
+        fail('focal_alpha', 'out of range', 'expected a value in [0, 1], or -1 for no alpha weighting', 'e.g. 0.25')
+    for flag in ('hflip', 'vflip'):
         if not 0.0 <= getattr(cfg, flag) <= 1.0:
             fail(flag, 'out of range', 'expected a value in [0, 1]', 'fix the value')
     for flag in ('val_ratio', 'test_ratio'):
@@ -414,7 +418,7 @@ def validate_config(cfg: argparse.Namespace) -> None:
         fail('val_ratio', f'plus --test_ratio {cfg.test_ratio} leaves no training data', 'expected a sum < 1',
              'lower the ratios')
     for flag in ('rotation', 'focal_gamma', 'preprocess_size', 'plateau_patience', 'momentum'):
-        if getattr(cfg, flag) < 0:
+        if getattr(cfg, flag) is not None and getattr(cfg, flag) < 0:
             fail(flag, 'is negative', 'expected 0 or more', 'fix the value')
     if not 0 <= cfg.fov_threshold <= 255:
         fail('fov_threshold', 'out of range', 'expected a grey level 0..255', 'e.g. --fov_threshold 10')
