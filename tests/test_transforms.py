@@ -10,7 +10,8 @@ from PIL import Image
 
 from util import randaugment as ra
 from util.errors import UserError
-from util.transforms import (ColorJitter, RandomErasing, RandomResizedCrop, adjust_hue, build_transform)
+from util.transforms import (ColorJitter, RandomCrop, RandomErasing, RandomResizedCrop, RandomRotation,
+                             adjust_hue, build_transform)
 
 FIX = os.path.join(os.path.dirname(__file__), 'fixtures', 'transforms')
 MEAN = (0.485, 0.456, 0.406)
@@ -288,3 +289,128 @@ def test_hflip_probability():
         out = t(img)
         flips += out[0, 0, 0] > out[0, 0, -1]
     assert 450 < flips < 550
+
+
+def test_color_jitter_draw_then_apply_is_the_same_stream_as_call():
+    cj = ColorJitter(0.4, 0.4, 0.4, 0.1)
+    img = image()
+    random.seed(11)
+    a = np.asarray(cj(img))
+    random.seed(11)
+    params = cj.get_params()
+    assert sorted(k for k, _ in params) == [0, 1, 2, 3]
+    np.testing.assert_array_equal(np.asarray(ColorJitter.apply(img, params)), a)
+
+
+def test_retfound_vflip_is_opt_in():
+    names = lambda t: [type(x).__name__ for x in t.transforms]  # noqa: E731
+    base = names(build_transform(True, 32))
+    assert 'RandomVerticalFlip' not in base and 'RandomRotation' not in base
+    with_v = names(build_transform(True, 32, vflip=0.5))
+    assert with_v == base[:3] + ['RandomVerticalFlip'] + base[3:]
+
+
+# ----------------------------------------------------------------------------- policy 'basic'
+
+def basic(size=32, **kw):
+    kw = dict(dict(hflip=0.0, vflip=0.0, rotation=0.0), **kw)
+    return build_transform(True, size, MEAN, STD, policy='basic', **kw)
+
+
+def unnormalise(x):
+    return np.rint((x * np.array(STD, np.float32)[:, None, None]
+                    + np.array(MEAN, np.float32)[:, None, None]) * 255).astype(np.int64).transpose(1, 2, 0)
+
+
+def test_basic_policy_steps_shape_and_normalisation():
+    t = build_transform(True, 28, MEAN, STD, policy='basic', crop_pct=0.875, vflip=0.5, color_jitter=0.3,
+                        aa='rand-m9-mstd0.5-inc1', reprob=0.5)
+    assert [type(x).__name__ for x in t.transforms] == [
+        'ToRGB', 'Resize', 'RandomCrop', 'RandomHorizontalFlip', 'RandomVerticalFlip', 'RandomRotation',
+        'ColorJitter', 'ToArrayNormalize']  # no RandAugment, no erasing
+    assert t.transforms[1].size == 32 and t.transforms[2].size == 28
+    out = t(image(40, 56))
+    assert out.shape == (3, 28, 28) and out.dtype == np.float32 and np.isfinite(out).all()
+    # a flat colour survives crop, flips and (black corners aside) rotation: check exact normalisation
+    flat = Image.new('RGB', (40, 40), (200, 100, 50))
+    x = basic()(flat)
+    expected = (np.array([200, 100, 50], np.float32) / np.float32(255) - np.array(MEAN, np.float32)) \
+        / np.array(STD, np.float32)
+    np.testing.assert_allclose(x[:, 16, 16], expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(unnormalise(x), np.broadcast_to([200, 100, 50], (32, 32, 3)))
+
+
+def test_basic_policy_crops_at_random_positions_of_the_resized_image():
+    img = image(40, 40)
+    t = basic(32, crop_pct=0.5)  # resize to 64, crop 32
+    resized = np.asarray(img.resize((64, 64), Image.Resampling.BICUBIC)).astype(np.int64)
+    seen = set()
+    for seed in range(12):
+        random.seed(seed)
+        out = unnormalise(t(img))
+        hits = [(top, left) for top in range(33) for left in range(33)
+                if np.array_equal(resized[top:top + 32, left:left + 32], out)]
+        assert len(hits) == 1, seed
+        seen.add(hits[0])
+    assert len(seen) >= 10
+    padded = RandomCrop(16)(Image.new('RGB', (10, 12), (255, 255, 255)))
+    assert padded.size == (16, 16) and np.asarray(padded)[0, 0].max() == 0
+
+
+def test_basic_policy_vertical_flip_happens():
+    arr = np.zeros((32, 32, 3), np.uint8)
+    arr[:8] = 255  # bright top band
+    img = Image.fromarray(arr)
+    assert unnormalise(basic(vflip=0.0)(img))[0, 0, 0] == 255
+    flipped = unnormalise(basic(vflip=1.0)(img))
+    assert flipped[0, 0, 0] == 0 and flipped[-1, 0, 0] == 255
+    random.seed(0)
+    t = basic(vflip=0.5)
+    flips = sum(unnormalise(t(img))[-1, 0, 0] == 255 for _ in range(400))
+    assert 160 < flips < 240
+
+
+def test_basic_policy_rotation_happens_with_black_corners():
+    white = Image.new('RGB', (32, 32), (255, 255, 255))
+    assert (unnormalise(basic(rotation=0.0)(white)) == 255).all()
+    t = basic(rotation=90.0)
+    rotated = 0
+    for seed in range(20):
+        random.seed(seed)
+        out = unnormalise(t(white))
+        assert (out[16, 16] == 255).all()
+        rotated += out[0, 0].max() == 0 or out[-1, -1].max() == 0
+    assert rotated >= 17
+    # direction and exactness on an asymmetric image: +90 degrees is counter-clockwise (np.rot90)
+    arr = np.zeros((16, 16, 3), np.uint8)
+    arr[2:6, 10:14] = 255
+    rot = RandomRotation(90.0, 'nearest')
+    np.testing.assert_array_equal(np.asarray(rot.apply(Image.fromarray(arr), 90.0)), np.rot90(arr))
+    random.seed(4)
+    angles = [rot.get_params() for _ in range(2000)]
+    assert min(angles) < -85 and max(angles) > 85 and abs(np.mean(angles)) < 4
+
+
+def test_basic_policy_color_jitter_only_when_given():
+    names = lambda t: [type(x).__name__ for x in t.transforms]  # noqa: E731
+    assert 'ColorJitter' not in names(basic())
+    assert 'ColorJitter' not in names(basic(color_jitter=0.0))
+    assert 'ColorJitter' in names(basic(color_jitter=(0.2, 0.2, 0.2, 0.05)))
+
+
+def test_eval_transform_does_not_depend_on_the_policy():
+    img = image()
+    np.testing.assert_array_equal(build_transform(False, 32, policy='basic', vflip=1.0)(img),
+                                  build_transform(False, 32)(img))
+
+
+@pytest.mark.parametrize('kw,match', [
+    (dict(policy='basci'), "did you mean 'basic'"),
+    (dict(policy='basic', vflip=1.5), '--vflip'),
+    (dict(policy='basic', hflip=-0.1), '--hflip'),
+    (dict(policy='basic', rotation=-5.0), '--rotation'),
+    (dict(policy='basic', crop_pct=1.2), 'crop_pct'),
+])
+def test_bad_policy_settings_raise_user_errors(kw, match):
+    with pytest.raises(UserError, match=match):
+        build_transform(True, 32, **kw)

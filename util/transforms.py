@@ -7,6 +7,12 @@
   ColorJitter -> ToTensor -> Normalize -> RandomErasing (in the normalised space).
 - eval: Resize(int(size / crop_pct), shorter side) -> CenterCrop(size) -> ToTensor -> Normalize.
 
+``policy='basic'`` is the training pipeline of the CNN seed systems (EfficientNet / ConvNeXt / ResNet-50
+fundus classifiers: flips + random rotation, optional colour jitter, no RandAugment, no erasing):
+Resize(int(size / crop_pct)) -> RandomCrop(size) -> horizontal flip -> vertical flip -> RandomRotation
+(+-rotation degrees, black corners) -> ColorJitter (if given) -> ToTensor -> Normalize. Its eval pipeline
+is the one above.
+
 Randomness comes only from Python's ``random`` (crop, flip, erasing geometry, RandAugment coins and signs,
 colour-jitter factors) and numpy's global RNG (RandAugment op choice, erasing noise), as in timm.
 Paddle's DataLoader reseeds both in every worker from a base seed drawn from numpy's global RNG, so
@@ -15,7 +21,8 @@ different per worker. Where timm uses torch's RNG (flip coin, erasing noise, Col
 instead, so those draws match timm in distribution, not seed for seed.
 
 References: timm ``timm/data/transforms_factory.py``, ``transforms.py`` (RandomResizedCropAndInterpolation),
-(random erasing: ``util/random_erasing.py``); torchvision ``Resize``/``CenterCrop``/``ColorJitter``; RETFound ``util/datasets.py``.
+(random erasing: ``util/random_erasing.py``); torchvision ``Resize``/``CenterCrop``/``ColorJitter``/``RandomCrop``/
+``RandomVerticalFlip``/``RandomRotation``; RETFound ``util/datasets.py``; the seed systems of REFERENCE.md section 3.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from util.errors import UserError
+from util.errors import UserError, unknown_name_error
 from util.randaugment import RANDOM_INTERPOLATION, rand_augment_transform
 from util.random_erasing import RandomErasing
 
@@ -162,14 +169,16 @@ class ColorJitter:
         if hue and not 0 <= hue <= 0.5:
             raise UserError(f"--color_jitter: hue {hue} out of range ([0, 0.5]); pass a smaller hue")
 
-    def __call__(self, img: Image.Image) -> Image.Image:
+    def get_params(self) -> list[tuple[int, float]]:
+        """Draw the adjustments: ``[(kind, factor), ...]`` in the order they apply (0 brightness,
+        1 contrast, 2 saturation, 3 hue). The dual-eye transform draws once and applies to both eyes."""
         order = list(range(4))
         random.shuffle(order)
-        for k in order:
-            rng = self.ranges[k]
-            if rng is None:
-                continue
-            f = random.uniform(*rng)
+        return [(k, random.uniform(*self.ranges[k])) for k in order if self.ranges[k] is not None]
+
+    @staticmethod
+    def apply(img: Image.Image, params: list[tuple[int, float]]) -> Image.Image:
+        for k, f in params:
             if k == 0:
                 img = ImageEnhance.Brightness(img).enhance(f)
             elif k == 1:
@@ -179,6 +188,9 @@ class ColorJitter:
             else:
                 img = adjust_hue(img, f)
         return img
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return self.apply(img, self.get_params())
 
     def __repr__(self) -> str:
         return f'ColorJitter(ranges={self.ranges})'
@@ -226,6 +238,86 @@ class CenterCrop:
         return f'CenterCrop({self.size})'
 
 
+class RandomCrop:
+    """A ``size x size`` crop at a uniformly drawn position (torchvision's ``RandomCrop(size)``); an image
+    smaller than ``size`` is first padded with black, centred."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def pad(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        if w >= self.size and h >= self.size:
+            return img
+        padded = Image.new(img.mode, (max(w, self.size), max(h, self.size)))
+        padded.paste(img, ((padded.size[0] - w) // 2, (padded.size[1] - h) // 2))
+        return padded
+
+    def get_params(self, img: Image.Image) -> tuple[int, int]:
+        """(top, left) of the crop in the (padded) image."""
+        w, h = img.size
+        return random.randint(0, h - self.size), random.randint(0, w - self.size)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        img = self.pad(img)
+        top, left = self.get_params(img)
+        return img.crop((left, top, left + self.size, top + self.size))
+
+    def __repr__(self) -> str:
+        return f'RandomCrop({self.size})'
+
+
+class RandomVerticalFlip:
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() < self.p:
+            return img.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        return img
+
+    def __repr__(self) -> str:
+        return f'RandomVerticalFlip(p={self.p})'
+
+
+# PIL's rotate knows only these three filters; the others fall back to bicubic
+_ROTATE_FILTERS = {'nearest': Image.Resampling.NEAREST, 'bilinear': Image.Resampling.BILINEAR,
+                   'bicubic': Image.Resampling.BICUBIC}
+
+
+class RandomRotation:
+    """Rotate about the centre by an angle uniform in ``[-degrees, degrees]`` (counter-clockwise positive),
+    keeping the size; the corners that leave the frame are filled with black (torchvision's
+    ``RandomRotation(degrees, fill=0)``, but with a smooth filter instead of nearest-neighbour).
+
+    ``interpolation``: 'nearest', 'bilinear', 'bicubic' or 'random' (bilinear or bicubic per call);
+    'box', 'hamming' and 'lanczos' (not supported by PIL's rotate) use bicubic.
+    """
+
+    def __init__(self, degrees: float, interpolation: str = 'bicubic'):
+        if not degrees >= 0:
+            raise UserError(f"--rotation {degrees}: negative or not a number (an angle >= 0 in degrees; "
+                            f"the rotation is drawn in [-angle, angle]); pass e.g. --rotation 15")
+        self.degrees = float(degrees)
+        self.interpolation = (RANDOM_INTERPOLATION if interpolation == 'random' else
+                              _ROTATE_FILTERS.get(interpolation, Image.Resampling.BICUBIC))
+
+    def get_params(self) -> float:
+        return random.uniform(-self.degrees, self.degrees)
+
+    def apply(self, img: Image.Image, angle: float) -> Image.Image:
+        interp = self.interpolation
+        if isinstance(interp, tuple):
+            interp = random.choice(interp)
+        return img.rotate(angle, resample=interp)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return self.apply(img, self.get_params())
+
+    def __repr__(self) -> str:
+        return f'RandomRotation(degrees={self.degrees})'
+
+
 class ToArrayNormalize:
     """uint8 HWC image -> float32 CHW in [0, 1] -> ``(x - mean) / std`` (ToTensor + Normalize)."""
 
@@ -244,7 +336,8 @@ class ToArrayNormalize:
         return f'ToArrayNormalize(mean={self.mean.ravel().tolist()}, std={self.std.ravel().tolist()})'
 
 
-def _jitter_factors(color_jitter) -> tuple[float, ...]:
+def jitter_factors(color_jitter) -> tuple[float, ...]:
+    """``--color_jitter`` value (one float, or 3/4 floats) -> (brightness, contrast, saturation[, hue])."""
     if isinstance(color_jitter, (int, float)):
         return (float(color_jitter),) * 3
     values = tuple(float(v) for v in color_jitter)
@@ -254,12 +347,31 @@ def _jitter_factors(color_jitter) -> tuple[float, ...]:
     return values
 
 
+TRANSFORM_POLICIES = ('retfound', 'basic')
+
+
+def resolve_crop_pct(crop_pct: float | None, input_size: int) -> float:
+    """``crop_pct``, defaulting to 224/256 for ``input_size <= 224`` and 1.0 above (RETFound's rule)."""
+    if crop_pct is None:
+        crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    if not 0 < crop_pct <= 1:
+        raise UserError(f"crop_pct {crop_pct}: out of range ((0, 1]); use e.g. 0.875")
+    return crop_pct
+
+
+def check_probability(flag: str, p: float) -> float:
+    if not 0 <= p <= 1:
+        raise UserError(f"{flag} {p}: not a probability (a value in [0, 1]); pass e.g. {flag} 0.5")
+    return float(p)
+
+
 def build_transform(is_train: bool, input_size: int, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                     std: Sequence[float] = IMAGENET_DEFAULT_STD, interpolation: str = 'bicubic',
                     crop_pct: float | None = None, aa: str | None = 'rand-m9-mstd0.5-inc1',
                     reprob: float = 0.25, remode: str = 'pixel', recount: int = 1,
-                    color_jitter: float | Sequence[float] | None = None, hflip: float = 0.5) -> Compose:
-    """The reference train or eval transform: ``callable(PIL.Image) -> float32 [3, input_size, input_size]``.
+                    color_jitter: float | Sequence[float] | None = None, hflip: float = 0.5,
+                    policy: str = 'retfound', rotation: float = 15.0, vflip: float = 0.0) -> Compose:
+    """The train or eval transform: ``callable(PIL.Image) -> float32 [3, input_size, input_size]``.
 
     Args:
         is_train: augmenting training pipeline, or deterministic evaluation pipeline.
@@ -267,20 +379,29 @@ def build_transform(is_train: bool, input_size: int, mean: Sequence[float] = IMA
         mean, std: normalisation (0-1 scale); ``mean`` also gives RandAugment's fill colour.
         interpolation: resampling filter of crop/resize and of RandAugment's geometric ops
             ('random' = bilinear or bicubic per call, train only; eval then uses bicubic).
-        crop_pct: eval only; default 224/256 for ``input_size <= 224``, else 1.0.
+        crop_pct: eval, and training with policy 'basic' (resize to ``int(input_size / crop_pct)`` before
+            the crop); default 224/256 for ``input_size <= 224``, else 1.0.
         aa: timm RandAugment string; ``None``, '' or 'none' disables it (then ``color_jitter`` applies).
-        reprob, remode, recount: random erasing probability, fill mode, maximum rectangle count.
-        color_jitter: brightness/contrast/saturation factor (or 3/4-tuple), used only without RandAugment.
+            Policy 'retfound' only.
+        reprob, remode, recount: random erasing probability, fill mode, maximum rectangle count. Policy
+            'retfound' only.
+        color_jitter: brightness/contrast/saturation factor (or 3/4-tuple); 'retfound' uses it only
+            without RandAugment, 'basic' whenever given.
         hflip: horizontal flip probability.
+        policy: training pipeline, 'retfound' (the reference's timm pipeline) or 'basic' (the CNN seeds'
+            crop, flips, rotation and colour jitter); the eval pipeline is the same for both.
+        rotation: policy 'basic' only: rotation angle drawn uniformly in ``[-rotation, rotation]`` degrees
+            (0 disables it). RandAugment already rotates in 'retfound'.
+        vflip: vertical flip probability (both policies; 0, the default, adds no step, so the 'retfound'
+            pipeline and its random stream stay the reference's).
     """
+    if policy not in TRANSFORM_POLICIES:
+        raise unknown_name_error('transform policy', policy, TRANSFORM_POLICIES)
     if int(input_size) != input_size or input_size < 1:
         raise UserError(f"--input_size {input_size}: not a positive integer; pass e.g. --input_size 224")
     input_size = int(input_size)
     if not is_train:
-        if crop_pct is None:
-            crop_pct = 224 / 256 if input_size <= 224 else 1.0
-        if not 0 < crop_pct <= 1:
-            raise UserError(f"crop_pct {crop_pct}: out of range ((0, 1]); use e.g. 0.875")
+        crop_pct = resolve_crop_pct(crop_pct, input_size)
         interp = 'bicubic' if interpolation == 'random' else interpolation
         return Compose([
             ToRGB(),
@@ -288,20 +409,50 @@ def build_transform(is_train: bool, input_size: int, mean: Sequence[float] = IMA
             CenterCrop(input_size),
             ToArrayNormalize(mean, std),
         ])
+    hflip = check_probability('--hflip', hflip)
+    vflip = check_probability('--vflip', vflip)
+    if policy == 'basic':
+        return _basic_train_transform(input_size, mean, std, interpolation, crop_pct, color_jitter, hflip,
+                                      vflip, rotation)
 
     steps: list[Callable] = [ToRGB(), RandomResizedCrop(input_size, interpolation=interpolation)]
     if hflip > 0:
         steps.append(RandomHorizontalFlip(hflip))
+    if vflip > 0:
+        steps.append(RandomVerticalFlip(vflip))
     use_aa = bool(aa) and str(aa).lower() != 'none'
     if use_aa:
         fill = tuple(min(255, round(255 * m)) for m in mean)
         steps.append(rand_augment_transform(str(aa), fill=fill,
                                             interpolation=pil_interpolation(interpolation, allow_random=True)))
     elif color_jitter is not None:
-        factors = _jitter_factors(color_jitter)
+        factors = jitter_factors(color_jitter)
         if any(factors):
             steps.append(ColorJitter(*factors))
     steps.append(ToArrayNormalize(mean, std))
     if reprob > 0:
         steps.append(RandomErasing(reprob, mode=remode, max_count=recount))
+    return Compose(steps)
+
+
+def _basic_train_transform(input_size: int, mean, std, interpolation: str, crop_pct: float | None,
+                           color_jitter, hflip: float, vflip: float, rotation: float) -> Compose:
+    crop_pct = resolve_crop_pct(crop_pct, input_size)
+    steps: list[Callable] = [
+        ToRGB(),
+        Resize(int(input_size / crop_pct), 'bicubic' if interpolation == 'random' else interpolation),
+        RandomCrop(input_size),
+    ]
+    if hflip > 0:
+        steps.append(RandomHorizontalFlip(hflip))
+    if vflip > 0:
+        steps.append(RandomVerticalFlip(vflip))
+    rotate = RandomRotation(rotation, interpolation)  # validates the angle even when it is 0
+    if rotate.degrees > 0:
+        steps.append(rotate)
+    if color_jitter is not None:
+        factors = jitter_factors(color_jitter)
+        if any(factors):
+            steps.append(ColorJitter(*factors))
+    steps.append(ToArrayNormalize(mean, std))
     return Compose(steps)
