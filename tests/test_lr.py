@@ -1,4 +1,5 @@
-"""Layer-wise LR decay groups and the LR schedule, measured on what Paddle's AdamW really applies.
+"""Layer-wise LR decay groups, the backbone LR scale, the optimizers and the LR schedule, measured on what
+Paddle's optimizers really apply (AdamW / Adam / SGD against updates recorded from torch).
 
 A tiny ViT-shaped layer (cls_token, pos_embed, patch_embed, blocks.i, fc_norm, head) implements the model
 contract with the reference layer-id rule. With a constant gradient of 1 on every weight, Adam's
@@ -6,14 +7,21 @@ bias-corrected step is m_hat / (sqrt(v_hat) + eps) = 1 / (1 + 1e-8) at every ste
 0 before a step moves by exactly the LR its group receives -- including its weight decay term, which is
 0 at p = 0.
 """
+import json
 import math
+import os
 
 import numpy as np
 import paddle
 import pytest
 
-from util.lr_decay import build_optimizer, group_learning_rates, param_groups_lrd
+from util.checkpoint import load_optimizer_state_by_name, optimizer_state_by_name
+from util.errors import UserError
+from util.lr_decay import OPTIMIZERS, build_optimizer, freeze_backbone, group_learning_rates, param_groups_lrd
 from util.lr_sched import adjust_learning_rate, effective_lr, lr_at
+
+# Updates of torch's AdamW / Adam / SGD recorded by tools/make_sched_fixture.py
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'sched_reference.json')
 
 DIM, DEPTH = 4, 2
 
@@ -237,3 +245,165 @@ def test_effective_lr():
     assert effective_lr(5e-3, None, 16, 1, 1) == pytest.approx(3.125e-4, rel=1e-15)
     assert effective_lr(5e-3, None, 16, 2, 4) == pytest.approx(2.5e-3, rel=1e-15)
     assert effective_lr(5e-3, 5e-4, 16, 2, 4) == 5e-4
+
+
+# ---- backbone LR scale, optimizers (AdamW / Adam / SGD against torch), freezing the backbone ----------------
+
+
+@pytest.fixture
+def float64():
+    old = paddle.get_default_dtype()
+    paddle.set_default_dtype('float64')
+    yield
+    paddle.set_default_dtype(old)
+
+
+def test_backbone_lr_scale_multiplies_backbone_groups_only():
+    model = TinyViT()
+    base = {g['name']: g for g in param_groups_lrd(model, weight_decay=0.05, layer_decay=0.65)}
+    same = {g['name']: g for g in param_groups_lrd(model, weight_decay=0.05, layer_decay=0.65,
+                                                   backbone_lr_scale=1.0)}
+    assert {k: g['learning_rate'] for k, g in base.items()} == {k: g['learning_rate'] for k, g in same.items()}
+    scaled = {g['name']: g for g in param_groups_lrd(model, weight_decay=0.05, layer_decay=0.65,
+                                                     backbone_lr_scale=0.1)}
+    assert scaled.keys() == base.keys()
+    for key, g in scaled.items():
+        layer = g['layer_id']
+        want = 0.65 ** (3 - layer) * (0.1 if layer < 3 else 1.0)
+        assert g['learning_rate'] == pytest.approx(want, rel=1e-15), key
+        assert g['weight_decay'] == base[key]['weight_decay']
+    assert scaled['layer_3_decay']['learning_rate'] == 1.0 and scaled['layer_3_no_decay']['learning_rate'] == 1.0
+    with pytest.raises(UserError, match='backbone_lr_scale'):
+        param_groups_lrd(model, backbone_lr_scale=-0.1)
+
+
+def test_unknown_optimizer_lists_the_choices():
+    with pytest.raises(UserError) as err:
+        build_optimizer(TinyViT(), lr=1e-3, opt='adamww')
+    msg = str(err.value)
+    assert "'adamww'" in msg and "did you mean 'adamw'" in msg and 'adam, adamw, sgd' in msg
+
+
+def _load_optimizer_reference():
+    with open(FIXTURE, encoding='utf8') as f:
+        return json.load(f)['optimizers']
+
+
+@pytest.mark.parametrize('opt,rtol', [('adamw', 1e-10), ('adam', 1e-10),
+                                      # Paddle's momentum kernel takes mu = 0.9 as float32 (0.89999998)
+                                      ('sgd', 1e-7)])
+def test_optimizer_matches_torch(float64, opt, rtol):
+    """Three steps with a changing LR, layer decay x backbone_lr_scale per group, decay-exempt groups:
+    every parameter after every step equals torch's (float64, tests/fixtures/sched_reference.json)."""
+    ref = _load_optimizer_reference()
+    cfg, params = ref['config'], ref['params']
+    model = TinyViT()
+    named = dict(model.named_parameters())
+    assert {n: list(p.shape) for n, p in named.items()} == {n: p['shape'] for n, p in params.items()}
+    for name, p in named.items():
+        p.set_value(np.asarray(params[name]['init'], dtype=np.float64).reshape(params[name]['shape']))
+    optimizer = build_optimizer(model, lr=cfg['base_lrs'][0], weight_decay=cfg['weight_decay'],
+                                layer_decay=cfg['layer_decay'], betas=tuple(cfg['betas']), eps=cfg['eps'],
+                                opt=opt, momentum=cfg['momentum'], backbone_lr_scale=cfg['backbone_lr_scale'])
+    assert isinstance(optimizer, {'adamw': paddle.optimizer.AdamW, 'adam': paddle.optimizer.Adam,
+                                  'sgd': paddle.optimizer.Momentum}[opt])
+    reported = dict(group_learning_rates(optimizer))
+    for name, p in params.items():
+        group = f"layer_{p['layer']}_{'decay' if p['decay'] else 'no_decay'}"
+        assert reported[group] == pytest.approx(cfg['base_lrs'][0] * p['scale'], rel=1e-7)
+    for t, base_lr in enumerate(cfg['base_lrs']):
+        optimizer.set_lr(base_lr)
+        loss = sum((p * paddle.to_tensor(np.asarray(params[n]['grads'][t]).reshape(params[n]['shape']))).sum()
+                   for n, p in named.items())
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        for name, p in named.items():
+            want = np.asarray(ref['results'][opt][name][t]).reshape(params[name]['shape'])
+            np.testing.assert_allclose(p.numpy(), want, rtol=rtol, atol=1e-13, err_msg=f'{opt} {name} step {t}')
+    # the steps were big enough for a wrong scale or a missing decay term to show
+    moved = max(np.abs(np.asarray(ref['results'][opt][n][-1]) - np.asarray(params[n]['init'])).max()
+                for n in params)
+    assert moved > 1e-3
+
+
+def test_adamw_after_adam_has_no_stale_l2():
+    """Paddle's Adam leaves param.regularizer = L2Decay(wd) behind and AdamW would add it to the gradient;
+    build_optimizer resets it. Zero gradient: only the decoupled decay of 'decay' groups may move a weight."""
+    model = TinyViT()
+    build_optimizer(model, lr=0.1, weight_decay=0.5, layer_decay=1.0, opt='adam')
+    assert type(model.head.weight.regularizer).__name__ == 'L2Decay'
+    opt = build_optimizer(model, lr=0.1, weight_decay=0.05, layer_decay=1.0, opt='adamw')
+    _set_all(model, 1.0)
+    _step(model, opt, 0.0)
+    for name, p in model.named_parameters():
+        want = 1 - 0.1 * 0.05 if EXPECTED[name][1] else 1.0
+        np.testing.assert_allclose(p.numpy(), want, rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize('opt', sorted(OPTIMIZERS))
+def test_optimizer_state_resumes_by_name(opt, tmp_path):
+    """The optimizer state saved by structured names (through a file, as a checkpoint) restores each
+    optimizer's moments / velocity. (In memory the state would share its tensors with the first optimizer.)"""
+    paddle.seed(1)
+    model_a, model_b = TinyViT(), TinyViT()
+    opt_a = build_optimizer(model_a, lr=1e-2, opt=opt, backbone_lr_scale=0.5)
+    rng = np.random.default_rng(0)
+    grads = [{n: rng.normal(size=p.shape).astype('float32') for n, p in model_a.named_parameters()}
+             for _ in range(3)]
+
+    def step(model, optimizer, g):
+        sum((p * paddle.to_tensor(g[n])).sum() for n, p in model.named_parameters()).backward()
+        optimizer.step()
+        optimizer.clear_grad()
+
+    step(model_a, opt_a, grads[0])
+    step(model_a, opt_a, grads[1])
+    model_b.set_state_dict(model_a.state_dict())
+    opt_b = build_optimizer(model_b, lr=1e-2, opt=opt, backbone_lr_scale=0.5)
+    fresh = TinyViT()
+    fresh.set_state_dict(model_a.state_dict())
+    opt_fresh = build_optimizer(fresh, lr=1e-2, opt=opt, backbone_lr_scale=0.5)
+    paddle.save(optimizer_state_by_name(opt_a, model_a), str(tmp_path / 'opt.pdopt'))
+    load_optimizer_state_by_name(opt_b, model_b, paddle.load(str(tmp_path / 'opt.pdopt')))
+    for m, o in ((model_a, opt_a), (model_b, opt_b), (fresh, opt_fresh)):
+        step(m, o, grads[2])
+    for (name, pa), pb, pf in zip(model_a.named_parameters(), model_b.parameters(), fresh.parameters()):
+        np.testing.assert_array_equal(pb.numpy(), pa.numpy(), err_msg=name)
+    # without the state the third step differs: the check above could fail
+    assert any(not np.allclose(pf.numpy(), pa.numpy(), rtol=1e-6, atol=0)
+               for pa, pf in zip(model_a.parameters(), fresh.parameters()))
+
+
+@pytest.mark.parametrize('opt', sorted(OPTIMIZERS))
+def test_frozen_backbone_trains_only_the_head(opt):
+    paddle.seed(0)
+    model = TinyViT()
+    assert freeze_backbone(model) == sum(1 for n in EXPECTED if EXPECTED[n][0] < 3) == 12
+    assert freeze_backbone(model) == 12                       # idempotent
+    groups = param_groups_lrd(model, backbone_lr_scale=0.1)
+    assert {g['name'] for g in groups} == {'layer_3_decay', 'layer_3_no_decay'}
+    assert all(g['learning_rate'] == 1.0 for g in groups)
+    optimizer = build_optimizer(model, lr=0.05, weight_decay=0.01, opt=opt)
+    before = {n: p.numpy().copy() for n, p in model.named_parameters()}
+    x = paddle.randn([8, 3, 4, 4])
+    y = paddle.to_tensor(np.eye(3, dtype='float32')[np.arange(8) % 3])
+    losses = []
+    for _ in range(25):
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0]
+    for name, p in model.named_parameters():
+        changed = not np.array_equal(p.numpy(), before[name])
+        assert changed == (EXPECTED[name][0] == 3), name
+
+
+def test_freeze_backbone_without_head_is_an_error():
+    model = TinyViT()
+    model.layer_id = lambda name: 0
+    with pytest.raises(UserError, match='no head parameters'):
+        freeze_backbone(model)
+    assert not model.head.weight.stop_gradient
