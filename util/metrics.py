@@ -165,6 +165,15 @@ def _kappa(y_true: np.ndarray, y_pred: np.ndarray, weights: str | None, labels=N
     return value if math.isfinite(value) else float('nan')
 
 
+def cohen_kappa(y_true, y_pred, weights: str | None = None, labels=None) -> float:
+    """scikit-learn's ``cohen_kappa_score``, NaN (without a warning) where it is undefined (0/0).
+
+    For ``weights='quadratic'`` pass ``labels=range(K)`` so grades are weighted by their distance."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return _kappa(np.asarray(y_true).reshape(-1), np.asarray(y_pred).reshape(-1), weights, labels)
+
+
 def selection_value(score: float) -> float:
     """The value model selection compares: ``score``, with NaN ranked below every number (-inf)."""
     score = float(score)
