@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import importlib
 import multiprocessing as mp
 import os
 import pickle
@@ -331,7 +332,7 @@ def test_concurrent_workers_share_the_cache(tmp_path):
     img.save(path)
     cache = str(tmp_path / 'cache')
     expected = np.asarray(build_preprocess('fov_circle')(img))
-    import util.datasets  # noqa: F401  (the decoder's module: import once here, not in every child)
+    importlib.import_module('util.datasets')  # the decoder's module (imports paddle): once here, not per child
     ctx = mp.get_context('fork')  # as Paddle's DataLoader workers
     n = 4
     barrier, queue = ctx.Barrier(n), ctx.Queue()
