@@ -107,8 +107,9 @@ def _per_class(names: list[str], report: dict | None, support: np.ndarray) -> li
             rows.append({'class': name, 'support': int(support[g]), 'precision': math.nan, 'recall': math.nan,
                          'f1': math.nan})
         else:
-            rows.append({'class': name, 'support': int(report['support'][g]), 'precision': float(report['precision'][g]),
-                         'recall': float(report['recall'][g]), 'f1': float(report['f1'][g])})
+            rows.append({'class': name, 'support': int(report['support'][g]),
+                         'precision': float(report['precision'][g]), 'recall': float(report['recall'][g]),
+                         'f1': float(report['f1'][g])})
     return rows
 
 
