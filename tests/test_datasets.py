@@ -8,8 +8,9 @@ import paddle
 import pytest
 from PIL import Image, ImageFile
 
-from util.datasets import (ImageFolderDataset, NpzDataset, build_dataset, list_dataset_formats,
-                           register_dataset_format)
+from fixtures_data import make_eye_folders, make_grading_csv, make_multilabel_csv, make_odir_table
+from util.datasets import (ClassificationDataset, DataOptions, ImageFolderDataset, NpzDataset, RetinaDataset,
+                           build_dataset, list_dataset_formats, register_dataset_format)
 from util.errors import UserError
 from util.transforms import build_transform
 
@@ -136,7 +137,8 @@ def test_unknown_format_and_split(tmp_path):
 
 
 def test_registry_is_generic(tmp_path):
-    assert {'folder', 'npz'} <= set(list_dataset_formats())
+    assert set(list_dataset_formats()) == {'folder', 'npz', 'csv_multilabel', 'csv_grading', 'odir'}
+    assert ClassificationDataset is RetinaDataset
     with pytest.raises(ValueError):
         register_dataset_format('npz')(NpzDataset)
 
@@ -203,3 +205,137 @@ def test_dataloader_batches(workers):
         assert xb.dtype == paddle.float32 and yb.dtype == paddle.int64
     assert shapes[0] == (16, 3, 32, 32) and shapes[-1] == (120 - 16 * 7, 3, 32, 32) and len(shapes) == 8
     np.testing.assert_array_equal(np.concatenate(labels), ds.targets)
+
+
+# ----------------------------------------------------------------------------- options, detection, new layouts
+
+def test_data_options_validation(tmp_path):
+    root = make_tree(tmp_path)
+    for opts, pattern in ((DataOptions(val_ratio=1.2), r'--val_ratio 1.2: outside \[0, 1\)'),
+                          (DataOptions(val_ratio=0.5, test_ratio=0.5), 'leave no training rows'),
+                          (DataOptions(eye_mode='both'), "--eye_mode 'both' is not registered"),
+                          (DataOptions(task_type='multilabel'), "did you mean 'multi_label'"),
+                          (DataOptions(image_root=str(tmp_path / 'nope')), '--image_root .*nope: not a directory')):
+        with pytest.raises(UserError, match=pattern):
+            build_dataset('train', root, None, options=opts)
+    assert DataOptions(label_cols='a, b,').validate().label_cols == ['a', 'b']
+    assert DataOptions(val_ratio=0.2).summary() == 'val_ratio=0.2' and DataOptions().summary() == 'defaults'
+
+
+def test_each_layout_is_detected_as_exactly_one_format(tmp_path):
+    from util.datasets import _FORMATS
+    imgs = np.zeros((2, 8, 8, 3), np.uint8)
+    paths = {
+        'folder': make_tree(tmp_path / 'f'),
+        'npz': write_npz(tmp_path / 'd.npz', train_images=imgs, train_labels=np.array([0, 1])),
+        'csv_multilabel': make_multilabel_csv(tmp_path / 'm', n=8),
+        'csv_grading': make_grading_csv(tmp_path / 'g', n=8),
+        'odir': make_odir_table(tmp_path / 'o', n_patients=8),
+    }
+    paths['csv_multilabel (dir)'] = make_multilabel_csv(tmp_path / 'md', n=10, layout='dir')
+    make_tree(tmp_path / 'md', splits=('train',))   # class folders next to train.csv: still the table layout
+    for expected, path in paths.items():
+        claims = [name for name, cls in _FORMATS.items() if cls.detect(path, DataOptions())]
+        assert claims == [expected.split(' ')[0]], (expected, claims)
+
+
+def test_training_validation_layout_test_is_validation(tmp_path):
+    root = make_eye_folders(tmp_path, counts={'training': 3, 'validation': 2})
+    train, val, test = (build_dataset(s, root, None, nb_classes=5) for s in ('train', 'val', 'test'))
+    assert train.class_names == ['cataract', 'conjunctivitis', 'eyelid', 'normal', 'uveitis']
+    assert (len(train), len(val), len(test)) == (15, 10, 10) and not train.notes and not val.notes
+    assert [test.sample_id(i) for i in range(len(test))] == [val.sample_id(i) for i in range(len(val))]
+    assert test.test_is_val and not val.test_is_val
+    assert test.notes == [f"{root}: no test/ folder (training/ + validation/ layout): the test split is "
+                          f"validation/, so test scores are not independent of model selection"]
+    os.makedirs(os.path.join(root, 'test'))
+    make_tree(root, splits=('test',), classes=('cataract', 'conjunctivitis', 'eyelid', 'normal', 'uveitis'),
+              per_class=1)
+    test = build_dataset('test', root, None)
+    assert len(test) == 5 and not test.notes
+    plain = make_tree(tmp_path / 'plain', splits=('train', 'val'))
+    with pytest.raises(UserError, match=r'split folder missing'):   # train/ + val/ promises a test/ folder
+        build_dataset('test', plain, None)
+
+
+def test_folder_as_regression(tmp_path):
+    root = make_tree(tmp_path, splits=('train', 'val'), classes=('0', '1', '3', '10'), per_class=1)
+    reg = build_dataset('train', root, None, options=DataOptions(task_type='regression'))
+    assert reg.task == 'regression' and reg.targets.dtype == np.float32
+    assert reg.class_names == [str(g) for g in range(11)]
+    np.testing.assert_array_equal(reg.targets, [0, 1, 10, 3])          # sorted folder order, grade values
+    x, y = reg[2]
+    assert y.dtype == np.float32 and float(y) == 10.0
+    np.testing.assert_array_equal(reg.class_counts()[[0, 1, 3, 10]], [1, 1, 1, 1])
+    with pytest.raises(UserError, match=r'grade folder 10 is not below --nb_classes 5 .*pass --nb_classes 11'):
+        build_dataset('train', root, None, nb_classes=5, options=DataOptions(task_type='regression'))
+    named = make_tree(tmp_path / 'n', classes=('mild', '2'))
+    with pytest.raises(UserError, match=r"class folders \['mild'\] are not integer grades"):
+        build_dataset('train', named, None, options=DataOptions(task_type='regression'))
+    with pytest.raises(UserError, match='--task_type multi_label does not apply to the folder format'):
+        build_dataset('train', named, None, options=DataOptions(task_type='multi_label'))
+
+
+def test_npz_regression_and_reader_hook(tmp_path):
+    imgs = np.full((3, 6, 6, 3), 100, np.uint8)
+    p = write_npz(tmp_path / 'd.npz', train_images=imgs, train_labels=np.array([0, 2, 1]))
+    ds = build_dataset('train', p, None, options=DataOptions(task_type='regression'))
+    assert ds.task == 'regression' and ds.targets.dtype == np.float32 and ds.class_names == ['0', '1', '2']
+    _, y = ds[1]
+    assert y.dtype == np.float32 and float(y) == 2.0
+
+    class Reader:
+        def process(self, img):
+            return img.resize((4, 4))
+
+    ds.reader = Reader()
+    x, _ = ds[0]
+    assert x.shape == (3, 4, 4)
+
+
+def test_folder_reader_hook(tmp_path):
+    root = make_tree(tmp_path, per_class=1)
+    ds = build_dataset('train', root, None)
+    ds.reader = lambda path: Image.new('RGB', (3, 5), (0, 255, 0))
+    x, _ = ds[0]
+    assert x.shape == (3, 5, 3) and x[1].min() == 1.0
+
+
+def test_dual_views_without_transform_need_equal_sizes():
+    class Pair(RetinaDataset):
+        task, num_views = 'multi_label', 2
+
+        def __init__(self, sizes):
+            super().__init__('train', 'mem', None)
+            self.sizes = sizes
+            self.class_names = ['a', 'b']
+            self.targets = np.array([[1, 0]], np.float32)
+
+        def load_image(self, index):
+            return [Image.new('RGB', s, (255, 0, 0)) for s in self.sizes]
+
+        def sample_id(self, index):
+            return 'l.png|r.png'
+
+    x, y = Pair([(6, 4), (6, 4)])[0]
+    assert x.shape == (2, 3, 4, 6) and x.dtype == np.float32 and y.dtype == np.float32 and y.shape == (2,)
+    with pytest.raises(UserError, match=r"l.png\|r.png: the eye images differ in size \[\(6, 4\), \(5, 4\)\]"):
+        Pair([(6, 4), (5, 4)])[0]
+
+
+def test_import_order_does_not_matter():
+    """Each module imported first in a fresh interpreter still registers every format (no import cycle)."""
+    import subprocess
+    import sys
+    root = os.path.join(os.path.dirname(__file__), '..')
+    code = ("import importlib, sys\n"
+            "for first in ('util.datasets_odir', 'util.datasets_csv', 'util.datasets', 'util.samplers'):\n"
+            "    for m in [m for m in sys.modules if m.startswith('util.')]:\n"
+            "        del sys.modules[m]\n"
+            "    importlib.import_module(first)\n"
+            "    from util.datasets import list_dataset_formats\n"
+            "    print(first, ','.join(list_dataset_formats()))\n")
+    out = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 4 and all(ln.endswith('csv_grading,csv_multilabel,folder,npz,odir') for ln in lines), lines
