@@ -1,7 +1,8 @@
 """The fine-tuning loop: ``train_one_epoch`` and ``evaluate``.
 
-Loss, output activation and metrics follow from the dataset's ``task`` through ``TASKS``; nothing here
-branches on a model or dataset name.
+Loss, output activation, metrics, decision thresholds and predictions follow from the dataset's ``task``
+(single_label, multi_label, regression) through the ``TASKS`` table; nothing here branches on a model,
+dataset format or task name outside that table.
 
 References: RETFound_MAE / MAE ``engine_finetune.py`` (per-iteration LR, gradient accumulation, loss
 scaling, non-finite loss check, metric set of the evaluation).
@@ -20,48 +21,127 @@ import paddle.nn.functional as F
 from util.distributed import all_reduce_mean, gather_rows, get_rank, get_world_size
 from util.errors import UserError
 from util.logger import Progress
-from util.metrics import METRIC_COLUMNS, compute_metrics
+from util.losses import build_loss, soft_cross_entropy  # noqa: F401  (re-exported: tests, benchmarks)
+from util.metrics import METRIC_COLUMNS, compute_metrics, per_class_report, selection_value
+from util.metrics_multilabel import (MULTILABEL_COLUMNS, binarize, compute_multilabel_metrics,
+                                     tune_thresholds_f1)
+from util.metrics_regression import (REGRESSION_COLUMNS, compute_regression_metrics, cut_grades,
+                                     default_grade_thresholds, optimise_thresholds_qwk)
 
 
 class NonFiniteLossError(UserError):
     """Training produced a NaN/inf loss."""
 
 
-def soft_cross_entropy(logits: paddle.Tensor, target: paddle.Tensor, smoothing: float = 0.0) -> paddle.Tensor:
-    """Cross-entropy with label smoothing spread over all classes (timm's LabelSmoothingCrossEntropy)."""
-    logp = F.log_softmax(logits.astype("float32"), axis=-1)
-    nll = -paddle.take_along_axis(logp, target.reshape([-1, 1]).astype("int64"), axis=1).squeeze(1)
-    if smoothing <= 0:
-        return nll.mean()
-    return ((1.0 - smoothing) * nll - smoothing * logp.mean(axis=-1)).mean()
+def _per_class_rows(class_names, table: dict) -> list[dict]:
+    keys = list(table)
+    return [{"class": c, **{k: table[k][i] for k in keys}} for i, c in enumerate(class_names)]
+
+
+def _single_label_predict(probs, num_classes, thresholds=None):
+    return np.nan_to_num(probs, nan=-np.inf).argmax(axis=1)
+
+
+def _single_label_metrics(y_true, probs, num_classes, class_names=None, thresholds=None) -> dict:
+    out = compute_metrics(y_true, probs, num_classes, class_names)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+    report = per_class_report(y_true, _single_label_predict(probs, num_classes), num_classes)
+    report["auroc"] = out["per_class_auroc"]
+    report["ap"] = out["per_class_ap"]
+    out["per_class"] = _per_class_rows(names, report)
+    return out
+
+
+def _multi_label_metrics(y_true, probs, num_classes, class_names=None, thresholds=None) -> dict:
+    return compute_multilabel_metrics(y_true, probs, thresholds=thresholds, class_names=class_names)
+
+
+def _multi_label_predict(probs, num_classes, thresholds=None):
+    return binarize(probs, thresholds)  # the metrics' rule (probability > threshold), so the two agree
+
+
+def _regression_metrics(y_true, outputs, num_classes, class_names=None, thresholds=None) -> dict:
+    return compute_regression_metrics(y_true, outputs.reshape(-1), num_classes, tuned_thresholds=thresholds,
+                                      class_names=class_names)
+
+
+def _regression_tune(y_true, outputs, num_classes):
+    return optimise_thresholds_qwk(y_true, outputs.reshape(-1), num_classes)
+
+
+def _regression_predict(outputs, num_classes, thresholds=None):
+    cuts = thresholds if thresholds is not None else default_grade_thresholds(num_classes)
+    return cut_grades(outputs.reshape(-1), cuts)
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """How a task turns logits into a loss, probabilities and metrics."""
+    """Everything that depends on the task type, so that the loop, the reports and model selection never
+    branch on it.
 
-    train_loss: Callable[..., Callable]  # (smoothing=...) -> loss_fn(logits, target)
-    eval_loss: Callable  # per-sample loss, reduction none
-    activation: Callable  # logits -> probabilities
-    metrics: Callable  # (y_true, probs) -> dict
-    columns: list
+    ``outputs`` are ``activation(logits)``: class probabilities (single/multi-label) or the continuous grade
+    [N, 1] (regression). ``thresholds`` are the task's decision cuts tuned on validation (per-label
+    probability thresholds, or grade cut points); ``None`` when not tuned.
+    """
 
+    name: str
+    activation: Callable  # float32 logits -> outputs
+    metrics: Callable  # (y_true, outputs, num_classes, class_names, thresholds) -> dict
+    columns: list  # metrics CSV columns, 'val_loss' first
+    default_val_metric: str  # what --val_metric selects by default
+    num_outputs: Callable[[int], int]  # nb_classes -> model outputs
+    label_dim: Callable[[int], int]  # nb_classes -> label columns per sample
+    predict: Callable  # (outputs, num_classes, thresholds) -> predictions (class / 0-1 matrix / grade)
+    decode_labels: Callable  # gathered float label columns [N, label_dim] -> y_true in the task's dtype
+    tune: Callable | None = None  # (y_true, outputs, num_classes) -> thresholds
+    tune_by_default: bool = False
+    minimize: frozenset = frozenset({"val_loss"})  # columns where lower is better
 
-def _single_label_train_loss(smoothing: float = 0.0) -> Callable:
-    return lambda logits, target: soft_cross_entropy(logits, target, smoothing)
-
-
-def _single_label_eval_loss(logits, target):
-    return F.cross_entropy(logits.astype("float32"), target.reshape([-1, 1]).astype("int64"), reduction="none")
+    def selection_value(self, stats: dict, metric: str) -> float:
+        """The number model selection maximises: the metric (negated when lower is better); NaN -> -inf."""
+        value = selection_value(stats.get(metric, float("nan")))
+        return -value if metric in self.minimize and math.isfinite(value) else value
 
 
 TASKS: dict[str, TaskSpec] = {
     "single_label": TaskSpec(
-        train_loss=_single_label_train_loss,
-        eval_loss=_single_label_eval_loss,
+        name="single_label",
         activation=lambda logits: F.softmax(logits.astype("float32"), axis=-1),
-        metrics=compute_metrics,
+        metrics=_single_label_metrics,
         columns=METRIC_COLUMNS,
+        default_val_metric="score",  # the reference's (f1 + roc_auc + kappa) / 3
+        num_outputs=lambda k: k,
+        label_dim=lambda k: 1,
+        predict=_single_label_predict,
+        decode_labels=lambda cols: cols[:, 0].astype(np.int64),
+        minimize=frozenset({"val_loss", "hamming"}),
+    ),
+    "multi_label": TaskSpec(
+        name="multi_label",
+        activation=lambda logits: F.sigmoid(logits.astype("float32")),
+        metrics=_multi_label_metrics,
+        columns=MULTILABEL_COLUMNS,
+        default_val_metric="roc_auc",
+        num_outputs=lambda k: k,
+        label_dim=lambda k: k,
+        predict=_multi_label_predict,
+        decode_labels=lambda cols: np.rint(cols).astype(np.int64),
+        tune=lambda y, probs, k: tune_thresholds_f1(y, probs),  # per label, maximising its F1 on val
+        tune_by_default=True,
+        minimize=frozenset({"val_loss", "hamming"}),
+    ),
+    "regression": TaskSpec(
+        name="regression",
+        activation=lambda logits: logits.astype("float32"),
+        metrics=_regression_metrics,
+        columns=REGRESSION_COLUMNS,
+        default_val_metric="kappa_quadratic",
+        num_outputs=lambda k: 1,
+        label_dim=lambda k: 1,
+        predict=_regression_predict,
+        decode_labels=lambda cols: cols[:, 0].astype(np.float64),
+        tune=_regression_tune,
+        minimize=frozenset({"val_loss", "mae"}),
     ),
 }
 
@@ -145,37 +225,47 @@ def train_one_epoch(model, criterion: Callable, data_loader, optimizer, epoch: i
 
 
 @paddle.no_grad()
-def evaluate(model, data_loader, task: TaskSpec, num_classes: int, *, amp: AmpConfig | None = None,
+def evaluate(model, data_loader, task: TaskSpec, num_classes: int, *, loss_fn: Callable | None = None,
+             thresholds=None, tune: bool = False, class_names=None, amp: AmpConfig | None = None,
              header: str = "Eval", print_freq: int = 20) -> tuple[dict, np.ndarray, np.ndarray]:
     """Evaluate on a loader whose sampler is a ``ShardSampler`` (or sequential in a single process).
 
     Every example is counted exactly once whatever the number of processes: each rank evaluates its
-    shard, the rows are gathered and put back in dataset order. Returns (metrics, y_true, probs).
+    shard, the rows are gathered and put back in dataset order. ``loss_fn`` is a per-sample loss (default:
+    the task's default loss). With ``tune`` the task's decision thresholds are fitted on these outputs
+    (validation) and used for the ``*_tuned`` metrics; otherwise the given ``thresholds`` are (test).
+    Returns (metrics, y_true, outputs); ``metrics['thresholds']`` holds the thresholds used (or None).
     """
     amp = amp or AmpConfig()
+    loss_fn = loss_fn or build_loss(task.name, "auto", reduction="none")
     model.eval()
     rows = []
+    width = task.label_dim(num_classes)
     progress = Progress(len(data_loader), header, print_freq, enabled=get_rank() == 0)
     for step, (samples, targets) in enumerate(data_loader):
         with amp.autocast():
             logits = model(samples)
         logits = logits.astype("float32")
-        losses = task.eval_loss(logits, targets).reshape([-1, 1])
-        probs = task.activation(logits)
-        target_col = targets.reshape([-1, 1]).astype("float64")
-        rows.append(np.concatenate([target_col.numpy(), losses.numpy().astype(np.float64),
-                                    probs.numpy().astype(np.float64)], axis=1))
+        losses = loss_fn(logits, targets).reshape([-1, 1])
+        outputs = task.activation(logits)
+        target_cols = targets.astype("float64").reshape([-1, width])
+        rows.append(np.concatenate([target_cols.numpy(), losses.numpy().astype(np.float64),
+                                    outputs.numpy().astype(np.float64)], axis=1))
         progress.update(step)
-    local = np.concatenate(rows, axis=0) if rows else np.zeros((0, 2 + num_classes))
+    n_out = task.num_outputs(num_classes)
+    local = np.concatenate(rows, axis=0) if rows else np.zeros((0, width + 1 + n_out))
     parts = gather_rows(local)
     # rank r holds examples r, r + world, r + 2 * world, ... (ShardSampler): interleave back to order
     total = sum(len(p) for p in parts)
     ordered = np.zeros((total, local.shape[1]))
     for r, p in enumerate(parts):
         ordered[r::len(parts)][: len(p)] = p
-    y_true = ordered[:, 0].astype(np.int64)
-    probs = ordered[:, 2:]
-    metrics = task.metrics(y_true, probs, num_classes)
-    metrics = {"val_loss": float(ordered[:, 1].mean()) if total else float("nan"), **metrics}
+    y_true = task.decode_labels(ordered[:, :width])
+    outputs = ordered[:, width + 1:]
+    if tune and task.tune is not None and total:
+        thresholds = np.asarray(task.tune(y_true, outputs, num_classes), dtype=np.float64)
+    metrics = task.metrics(y_true, outputs, num_classes, class_names, thresholds)
+    metrics = {"val_loss": float(ordered[:, width].mean()) if total else float("nan"), **metrics,
+               "thresholds": None if thresholds is None else [float(t) for t in thresholds]}
     model.train()
-    return metrics, y_true, probs
+    return metrics, y_true, outputs

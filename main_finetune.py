@@ -18,7 +18,6 @@ import sys
 # Paddle's CPU kernels use one thread unless told otherwise; this must happen before Paddle is imported.
 os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(os.cpu_count() or 1, 8))))
 
-import csv  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
@@ -46,16 +45,22 @@ class WorkerSeeder:
         np.random.seed(seed)
 
 
-def build_loaders(datasets: dict, batch_size: int, num_workers: int, seed: int, rank: int, world: int):
+def build_loaders(datasets: dict, batch_size: int, num_workers: int, seed: int, rank: int, world: int,
+                  balanced: bool = False):
     import paddle
 
     from util.distributed import ShardSampler
     from util.loader import BatchLoader
+    from util.samplers import WeightedBatchSampler, balanced_sample_weights
 
     loaders, seeders = {}, {}
     for split, ds in datasets.items():
         seeder = WorkerSeeder(seed)
-        if split == "train":
+        if split == "train" and balanced:
+            # the same weighted stream on every rank (seeded by --seed and the epoch), then sharded
+            sampler = WeightedBatchSampler(balanced_sample_weights(ds), batch_size, num_replicas=world, rank=rank,
+                                           drop_last=True, seed=seed - rank)
+        elif split == "train":
             sampler = paddle.io.DistributedBatchSampler(ds, batch_size=batch_size, num_replicas=world, rank=rank,
                                                         shuffle=True, drop_last=True)
         else:
@@ -96,35 +101,64 @@ def setup_device(cfg, say):
     return device, amp
 
 
+def data_options(cfg):
+    """The dataset-format options of the config (CSV columns, splits, dual-eye mode)."""
+    from util.datasets import DataOptions
+
+    label_cols = [c.strip() for c in cfg.label_cols.split(",") if c.strip()] if cfg.label_cols else None
+    return DataOptions(image_col=cfg.image_col, label_cols=label_cols, grade_col=cfg.grade_col,
+                       split_col=cfg.split_col, val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio,
+                       split_seed=cfg.split_seed, image_root=cfg.image_root, left_col=cfg.left_col,
+                       right_col=cfg.right_col, patient_col=cfg.patient_col, eye_mode=cfg.eye_mode,
+                       task_type=cfg.task_type or None)
+
+
 def build_datasets(cfg, say) -> dict:
     """The splits this run needs, checked against each other (transforms are attached once the model
     is known, since they follow its data defaults)."""
     from util.datasets import build_dataset
 
     splits = ["test"] if cfg.eval else ["train", "val", "test"]
-    datasets = {split: build_dataset(split, cfg.data_path, None, nb_classes=cfg.nb_classes) for split in splits}
-    class_names = list(datasets[splits[0]].class_names)
+    options = data_options(cfg)
+    datasets = {split: build_dataset(split, cfg.data_path, None, nb_classes=cfg.nb_classes,
+                                     fmt=cfg.data_format or None, options=options) for split in splits}
+    first = datasets[splits[0]]
+    class_names = list(first.class_names)
     for split, ds in datasets.items():
-        if list(ds.class_names) != class_names:
-            raise UserError(f"{cfg.data_path}/{split}: classes {list(ds.class_names)} differ from "
-                            f"{splits[0]}'s {class_names}; use the same class folders in every split")
+        if list(ds.class_names) != class_names or ds.task != first.task:
+            raise UserError(f"{cfg.data_path}/{split}: classes {list(ds.class_names)} ({ds.task}) differ from "
+                            f"{splits[0]}'s {class_names} ({first.task}); use the same classes in every split")
         say(ds.describe())
+        for note in getattr(ds, "notes", []):
+            say(f"note: {note}")
         missing = [c for c, n in zip(ds.class_names, ds.class_counts()) if n == 0]
         if missing and split != "train":
-            say(f"warning: {split} split has no images of class(es) {missing}: macro AUROC and the model-selection "
-                "score are undefined (NaN) on it")
+            say(f"warning: {split} split has no {'positive ' if ds.task == 'multi_label' else ''}images of "
+                f"class(es) {missing}: their AUROC is undefined (NaN) on it")
     return datasets
 
 
 def attach_transforms(datasets: dict, cfg, data_cfg: dict) -> None:
-    """Train augmentation on the train split, the eval transform elsewhere, with the model's mean/std."""
+    """Fundus preprocessing (and its cache) as the image reader; train augmentation on the train split, the
+    eval transform elsewhere, with the model's mean/std; dual-eye data gets the consistent pair transform."""
+    from util.dual_transforms import build_dual_transform
+    from util.fundus import FundusReader, build_preprocess
     from util.transforms import build_transform
 
-    common = dict(mean=data_cfg["mean"], std=data_cfg["std"], interpolation=data_cfg.get("interpolation", "bicubic"))
+    preprocess = build_preprocess(cfg.fundus_crop, threshold=cfg.fov_threshold, size=cfg.preprocess_size)
+    reader = FundusReader(preprocess, cache_dir=cfg.cache_dir or None) if (preprocess or cfg.cache_dir) else None
+    common = dict(mean=data_cfg["mean"], std=data_cfg["std"], interpolation=data_cfg.get("interpolation", "bicubic"),
+                  crop_pct=data_cfg.get("crop_pct"))
     for split, ds in datasets.items():
-        if split == "train":
+        ds.reader = reader
+        train = split == "train"
+        if ds.num_views == 2:
+            extra = dict(hflip=cfg.hflip, vflip=cfg.vflip, rotation=cfg.rotation, color_jitter=cfg.color_jitter)
+            ds.transform = build_dual_transform(train, cfg.input_size, **common, **(extra if train else {}))
+        elif train:
             ds.transform = build_transform(True, cfg.input_size, aa=cfg.aa, reprob=cfg.reprob, remode=cfg.remode,
-                                           recount=cfg.recount, color_jitter=cfg.color_jitter, **common)
+                                           recount=cfg.recount, color_jitter=cfg.color_jitter, hflip=cfg.hflip,
+                                           policy=cfg.train_aug, rotation=cfg.rotation, vflip=cfg.vflip, **common)
         else:
             ds.transform = build_transform(False, cfg.input_size, **common)
 
@@ -182,31 +216,46 @@ def main(cfg) -> dict:
     np.random.seed(seed)
     paddle.seed(seed)
 
-    # data first: nb_classes may come from it
+    # data first: nb_classes and the task come from it
     model_name = resolve_model_name(cfg.model)
     datasets = build_datasets(cfg, say)
     first = next(iter(datasets.values()))
     class_names = list(first.class_names)
     nb_classes = cfg.nb_classes or len(class_names)
     task = engine.get_task(first.task)
+    val_metric = check_metric_name(cfg.val_metric or task.default_val_metric, task, "--val_metric")
 
-    model = create_model(model_name, num_classes=nb_classes, drop_path_rate=cfg.drop_path,
+    model = create_model(model_name, num_classes=task.num_outputs(nb_classes), drop_path_rate=cfg.drop_path,
                          global_pool=cfg.global_pool, img_size=cfg.input_size)
     if getattr(model, "num_views", 1) != getattr(first, "num_views", 1):
         raise UserError(f"--model {model_name} takes {model.num_views} image(s) per sample but the dataset "
-                        f"at {cfg.data_path} gives {first.num_views}; pick a matching model")
+                        f"at {cfg.data_path} gives {first.num_views}; pick a matching model (dual_* models take "
+                        f"a left and a right eye; --eye_mode per_eye turns a dual-eye table into single images)")
     data_cfg = dict(model.default_cfg)
+    if cfg.crop_pct is not None:
+        data_cfg["crop_pct"] = cfg.crop_pct
     attach_transforms(datasets, cfg, data_cfg)
 
     data_name = os.path.splitext(os.path.basename(os.path.normpath(cfg.data_path)))[0]
     run_dir = os.path.join(cfg.output_dir, cfg.task or f"{model_name}_{data_name}") if cfg.output_dir else None
     identity = run_identity(cfg, model_name, nb_classes, class_names, first.task)
+    # what predict.py needs to apply the checkpoint to new images
+    identity["inference"] = {"mean": list(data_cfg["mean"]), "std": list(data_cfg["std"]),
+                             "interpolation": data_cfg.get("interpolation", "bicubic"),
+                             "crop_pct": data_cfg.get("crop_pct"), "fundus_crop": cfg.fundus_crop,
+                             "fov_threshold": cfg.fov_threshold, "preprocess_size": cfg.preprocess_size}
     resume_state = load_weights(cfg, model, identity, verbose=main_proc)
+    if cfg.freeze_backbone:
+        from util.lr_decay import freeze_backbone
+
+        say(f"--freeze_backbone: {freeze_backbone(model)} backbone parameter tensors frozen; training the head only")
 
     n_parameters = sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient)
-    say(f"Model {model_name}: {n_parameters / 1e6:.2f} M trainable parameters, {nb_classes} classes")
+    say(f"Model {model_name}: {n_parameters / 1e6:.2f} M trainable parameters, task {task.name}, "
+        f"{nb_classes} {'labels' if task.name == 'multi_label' else 'classes'}")
 
-    loaders, seeders = build_loaders(datasets, cfg.batch_size, cfg.num_workers, seed, rank, world)
+    loaders, seeders = build_loaders(datasets, cfg.batch_size, cfg.num_workers, seed, rank, world,
+                                     balanced=cfg.balanced_sampler and not cfg.eval)
     if world > 1:
         model = paddle.DataParallel(model)
     bare_model = model._layers if world > 1 else model
@@ -217,23 +266,67 @@ def main(cfg) -> dict:
 
         os.makedirs(run_dir, exist_ok=True)
         save_config(cfg, os.path.join(run_dir, "config_eval.yaml" if cfg.eval else "config.yaml"))
+    eval_loss = build_criterion(cfg, task, datasets.get("train"), nb_classes, say, reduction="none")
     run = dict(cfg=cfg, model=model, bare_model=bare_model, loaders=loaders, task=task, nb_classes=nb_classes,
-               class_names=class_names, amp=amp, logger=logger, run_dir=run_dir, say=say)
+               class_names=class_names, amp=amp, logger=logger, run_dir=run_dir, say=say, eval_loss=eval_loss)
+    thresholds = (resume_state or {}).get("thresholds") if cfg.eval else None
     if not cfg.eval:
         info = {"world_size": world, "device": device, "amp": amp.enabled, "n_parameters": n_parameters,
-                "class_names": class_names, "task": first.task, "paddle": paddle.__version__, "data_cfg": data_cfg}
-        fit(**run, seeders=seeders, seed=seed, resume_state=resume_state, identity=identity, info=info)
+                "class_names": class_names, "task": first.task, "val_metric": val_metric,
+                "paddle": paddle.__version__, "data_cfg": data_cfg}
+        criterion = build_criterion(cfg, task, datasets["train"], nb_classes, say)
+        thresholds = fit(**run, criterion=criterion, val_metric=val_metric, seeders=seeders, seed=seed,
+                         resume_state=resume_state, identity=identity, info=info)
 
-    test_stats, y_true, probs = engine.evaluate(model, loaders["test"], task, nb_classes, amp=amp, header="Test",
-                                                print_freq=cfg.print_freq)
-    report_test(logger, test_stats, y_true, probs, datasets["test"], run_dir, task, say)
+    test_stats, y_true, outputs = engine.evaluate(model, loaders["test"], task, nb_classes, loss_fn=eval_loss,
+                                                  thresholds=thresholds, class_names=class_names, amp=amp,
+                                                  header="Test", print_freq=cfg.print_freq)
+    report_test(logger, test_stats, y_true, outputs, datasets["test"], run_dir, task, nb_classes, say)
     logger.close()
     return test_stats
 
 
+def check_metric_name(name: str, task, flag: str) -> str:
+    if name not in task.columns:
+        from util.errors import close_matches
+
+        near = close_matches(name, task.columns)
+        raise UserError(f"{flag} {name!r}: not a {task.name} metric (one of {', '.join(task.columns)}); "
+                        + (f"did you mean {near[0]!r}? " if near else "") + "pick one of those")
+    return name
+
+
+def build_criterion(cfg, task, train_set, nb_classes: int, say, reduction: str = "mean"):
+    """The task's loss from --loss and its options; class weights / pos_weight come from the training labels.
+
+    The evaluation loss (``reduction='none'``) is the unweighted, unsmoothed form of the same loss."""
+    from util.losses import build_loss, class_weights_from_labels, pos_weight_from_labels
+
+    options = dict(focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma)
+    if reduction == "none":
+        return build_loss(task.name, cfg.loss, reduction="none", **options)
+    if cfg.class_weights:
+        if task.name != "single_label":
+            raise UserError(f"--class_weights: applies to single-label cross-entropy, not to {task.name} data; "
+                            "use --pos_weight for multi-label data or --balanced_sampler")
+        options["class_weights"] = class_weights_from_labels(train_set.targets, nb_classes)
+        say("class weights: " + ", ".join(f"{c} {w:.3f}" for c, w in zip(train_set.class_names,
+                                                                            options["class_weights"])))
+    if cfg.pos_weight:
+        if task.name != "multi_label":
+            raise UserError(f"--pos_weight: applies to multi-label BCE, not to {task.name} data; remove it "
+                            "(--class_weights weights single-label cross-entropy)")
+        options["pos_weight"] = pos_weight_from_labels(train_set.targets)
+        say("BCE pos_weight: " + ", ".join(f"{c} {w:.3f}" for c, w in zip(train_set.class_names,
+                                                                             options["pos_weight"])))
+    return build_loss(task.name, cfg.loss, smoothing=cfg.smoothing if task.name == "single_label" else 0.0,
+                      **options)
+
+
 def fit(*, cfg, model, bare_model, loaders, task, nb_classes, class_names, amp, logger, run_dir, say, seeders,
-        seed, resume_state, identity, info) -> None:
-    """Train with per-epoch validation and checkpoints; leaves the best checkpoint's weights in the model."""
+        seed, resume_state, identity, info, criterion, eval_loss, val_metric):
+    """Train with per-epoch validation and checkpoints; leaves the best checkpoint's weights in the model and
+    returns the decision thresholds tuned on validation at that epoch (``None`` when not tuned)."""
     import paddle
 
     import engine_finetune as engine
@@ -241,39 +334,57 @@ def fit(*, cfg, model, bare_model, loaders, task, nb_classes, class_names, amp, 
     from util import distributed as D
     from util.checkpoint import load_checkpoint, load_optimizer_state_by_name, save_checkpoint, set_rng_state
     from util.lr_decay import build_optimizer
-    from util.lr_sched import adjust_learning_rate, effective_lr
-    from util.metrics import selection_value
+    from util.lr_sched import build_schedule, effective_lr
+    from util.reports import append_per_class_csv, format_per_class, save_thresholds_json
 
     world = D.get_world_size()
     lr = effective_lr(cfg.blr, cfg.lr, cfg.batch_size, cfg.accum_iter, world)
     say(f"base lr: {lr * 256 / (cfg.batch_size * cfg.accum_iter * world):.2e}  actual lr: {lr:.2e}  "
         f"effective batch size: {cfg.batch_size * cfg.accum_iter * world} "
         f"(batch {cfg.batch_size} x accum {cfg.accum_iter} x {world} process(es))")
-    optimizer = build_optimizer(bare_model, lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+    optimizer = build_optimizer(bare_model, lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
+                                opt=cfg.opt, momentum=cfg.momentum, backbone_lr_scale=cfg.backbone_lr_scale)
+    plateau_metric = check_metric_name(cfg.plateau_metric or val_metric, task, "--plateau_metric")
+    schedule = build_schedule(cfg.sched, lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs, step_size=cfg.step_size,
+                              step_gamma=cfg.step_gamma, plateau_factor=cfg.plateau_factor,
+                              plateau_patience=cfg.plateau_patience,
+                              plateau_mode="min" if plateau_metric in task.minimize else "max")
+    say(f"optimizer {cfg.opt}, schedule: {schedule.describe()}"
+        + (f" on val {plateau_metric}" if cfg.sched == "plateau" else "")
+        + (f", backbone LR x{cfg.backbone_lr_scale}" if cfg.backbone_lr_scale != 1 else ""))
     scaler = None
     if amp.enabled and amp.dtype == "float16":
         scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**16)  # dynamic loss scaling, GPU only
-    criterion = task.train_loss(smoothing=cfg.smoothing)
+    tune = task.tune_by_default if cfg.tune_thresholds is None else bool(cfg.tune_thresholds)
+    if tune and task.tune is None:
+        raise UserError(f"--tune_thresholds: {task.name} predictions have no decision thresholds to tune "
+                        "(argmax); remove the flag")
 
     def set_lr(epoch_float: float) -> float:
-        return adjust_learning_rate(optimizer, epoch_float, lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+        value = schedule.lr_at(epoch_float)
+        optimizer.set_lr(float(value))
+        return value
 
-    start_epoch, best_score, best_epoch = cfg.start_epoch, -math.inf, -1
+    start_epoch, best_score, best_epoch, best_thresholds = cfg.start_epoch, -math.inf, -1, None
     if resume_state is not None:
         if "optimizer" in resume_state:
             load_optimizer_state_by_name(optimizer, bare_model, resume_state["optimizer"])
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
+        if resume_state.get("schedule"):
+            schedule.load_state_dict(resume_state["schedule"])
         start_epoch = int(resume_state["epoch"]) + 1
         best_score = float(resume_state.get("best_score", -math.inf))
         best_epoch = int(resume_state.get("best_epoch", -1))
+        best_thresholds = resume_state.get("best_thresholds")
         if "rng" in resume_state and world == 1:
             set_rng_state(resume_state["rng"])
-        say(f"Resuming at epoch {start_epoch} (best val score so far {best_score:.4f})")
+        say(f"Resuming at epoch {start_epoch} (best val {val_metric} so far at epoch {best_epoch})")
 
     if logger.enabled:
         with open(os.path.join(run_dir, "run_info.json"), "w", encoding="utf8") as f:
-            json.dump({"effective_lr": lr, **info}, f, indent=2)
+            json.dump({"effective_lr": lr, "tune_thresholds": tune, "plateau_metric": plateau_metric, **info}, f,
+                      indent=2)
 
     steps_per_epoch = len(loaders["train"])
     if steps_per_epoch == 0:
@@ -284,7 +395,11 @@ def fit(*, cfg, model, bare_model, loaders, task, nb_classes, class_names, amp, 
     last_path = os.path.join(run_dir, "checkpoint-last.pdparams") if run_dir else None
     best_path = os.path.join(run_dir, "checkpoint-best.pdparams") if run_dir else None
     n_parameters = info["n_parameters"]
-    say(f"Start training for {cfg.epochs} epochs ({steps_per_epoch} steps each) -> {run_dir}")
+    headline = [k for k in task.columns if k != "val_loss"][:5]
+    if val_metric not in headline:
+        headline.append(val_metric)
+    say(f"Start training for {cfg.epochs} epochs ({steps_per_epoch} steps each), best checkpoint by val "
+        f"{val_metric} -> {run_dir}")
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         loaders["train"].batch_sampler.set_epoch(epoch)
@@ -293,60 +408,68 @@ def fit(*, cfg, model, bare_model, loaders, task, nb_classes, class_names, amp, 
             model, criterion, loaders["train"], optimizer, epoch, set_lr=set_lr, accum_iter=cfg.accum_iter,
             clip_grad=cfg.clip_grad, scaler=scaler, amp=amp, logger=logger, print_freq=cfg.print_freq,
             global_step=global_step)
-        val_stats, _, _ = engine.evaluate(model, loaders["val"], task, nb_classes, amp=amp, header="Val",
-                                          print_freq=cfg.print_freq)
-        score = selection_value(val_stats["score"])
+        val_stats, _, _ = engine.evaluate(model, loaders["val"], task, nb_classes, loss_fn=eval_loss, tune=tune,
+                                          class_names=class_names, amp=amp, header="Val", print_freq=cfg.print_freq)
+        schedule.epoch_end(epoch, val_stats.get(plateau_metric))
+        score = task.selection_value(val_stats, val_metric)
         improved = score > best_score or best_epoch < 0  # the first epoch is kept even with an undefined score
         if improved:
-            best_score, best_epoch = score, epoch
-        say(f"Epoch {epoch}: train loss {train_stats['loss']:.4f}, val " +
-            ", ".join(f"{k} {val_stats[k]:.4f}" for k in ("accuracy", "f1", "roc_auc", "kappa", "score")) +
-            (" (best)" if improved else f" (best {best_score:.4f} at epoch {best_epoch})"))
+            best_score, best_epoch, best_thresholds = score, epoch, val_stats.get("thresholds")
+        say(f"Epoch {epoch}: train loss {train_stats['loss']:.4f}, val loss {val_stats['val_loss']:.4f}, " +
+            ", ".join(f"{k} {val_stats[k]:.4f}" for k in headline) +
+            (" (best)" if improved else f" (best {val_metric} at epoch {best_epoch})"))
+        if cfg.per_class_report:
+            say(format_per_class(val_stats.get("per_class", [])))
         if logger.enabled:
             logger.csv_row("metrics_val.csv", task.columns, val_stats)
+            append_per_class_csv(os.path.join(run_dir, "per_class_val.csv"), val_stats.get("per_class", []), epoch)
             logger.scalars("val", val_stats, epoch)
             logger.json_line({"epoch": epoch, "train_lr": train_stats["lr"], "train_loss": train_stats["loss"],
                               **{f"val_{k}": v for k, v in val_stats.items()}, "n_parameters": n_parameters})
             logger.flush()
             meta = {**identity, "best_epoch": best_epoch}
+            scalars = {k: v for k, v in val_stats.items() if isinstance(v, (int, float))}
             if improved and cfg.savemodel:
                 save_checkpoint(best_path, model=bare_model, epoch=epoch, best_score=best_score, meta=meta,
-                                extra={"best_epoch": best_epoch, "val_metrics": val_stats})
+                                extra={"best_epoch": best_epoch, "val_metrics": scalars, "val_metric": val_metric,
+                                       "thresholds": best_thresholds})
+                if best_thresholds is not None:
+                    save_thresholds_json(os.path.join(run_dir, "thresholds.json"), task.name, class_names,
+                                         best_thresholds, f"tuned on the validation split at epoch {epoch}")
             save_checkpoint(last_path, model=bare_model, optimizer=optimizer, scaler=scaler, epoch=epoch,
-                            best_score=best_score, meta=meta, extra={"best_epoch": best_epoch})
+                            best_score=best_score, meta=meta,
+                            extra={"best_epoch": best_epoch, "best_thresholds": best_thresholds,
+                                   "schedule": schedule.state_dict()})
         D.barrier()
-    say(f"Training time {time.time() - t0:.0f}s; best val score {best_score:.4f} at epoch {best_epoch}")
+    say(f"Training time {time.time() - t0:.0f}s; best val {val_metric} at epoch {best_epoch}")
     if logger.enabled:
         from util.plots import save_training_curves_png
 
         save_training_curves_png(os.path.join(run_dir, "log.txt"), os.path.join(run_dir, "training_curves.png"),
-                                 best_epoch=best_epoch)
+                                 best_epoch=best_epoch, metrics=tuple(headline[:4]))
 
-    # the test runs once, on the best checkpoint
+    # the test runs once, on the best checkpoint, with the thresholds tuned at that epoch
     if best_path and os.path.isfile(best_path):
-        load_state_dict_strict(bare_model, load_checkpoint(best_path)["model"], best_path)
+        state = load_checkpoint(best_path)
+        load_state_dict_strict(bare_model, state["model"], best_path)
+        best_thresholds = state.get("thresholds")
         say(f"Test on the best checkpoint (epoch {best_epoch})")
     else:
         say("Test on the final weights (no best checkpoint was saved: --no-savemodel or no output folder)")
+    return best_thresholds
 
 
-def report_test(logger, stats, y_true, probs, dataset, run_dir, task, say) -> None:
-    """Print the test metrics; write metrics_test.csv, the confusion matrix PNG and per-image predictions."""
-    from util.metrics import confusion_matrix, save_confusion_matrix_png
+def report_test(logger, stats, y_true, outputs, dataset, run_dir, task, nb_classes, say) -> None:
+    """Print the test metrics; write metrics_test.csv, per-class table, confusion matrices, predictions."""
+    from util.reports import write_test_report
 
     say("Test: " + ", ".join(f"{k} {stats[k]:.4f}" for k in task.columns if k in stats))
+    if stats.get("thresholds") is not None:
+        say("Test thresholds (tuned on val): " + ", ".join(f"{t:.3f}" for t in stats["thresholds"]))
     if not logger.enabled:
         return
-    class_names = list(dataset.class_names)
     logger.csv_row("metrics_test.csv", task.columns, stats)
-    cm = confusion_matrix(y_true, probs.argmax(axis=1), len(class_names))
-    save_confusion_matrix_png(cm, class_names, os.path.join(run_dir, "confusion_matrix_test.png"),
-                              title="Test confusion matrix")
-    with open(os.path.join(run_dir, "predictions_test.csv"), "w", newline="", encoding="utf8") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "file", "label", "prediction"] + [f"prob_{c}" for c in class_names])
-        for i, (t, p) in enumerate(zip(y_true, probs)):
-            w.writerow([i, dataset.sample_id(i), int(t), int(p.argmax())] + [f"{v:.6f}" for v in p])
+    write_test_report(run_dir, task, stats, y_true, outputs, dataset, nb_classes)
 
 
 def cli(argv: list[str] | None = None) -> int:

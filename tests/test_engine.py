@@ -7,6 +7,7 @@ import pytest
 
 import engine_finetune as engine
 from models import create_model
+from util.losses import build_loss
 from util.lr_decay import build_optimizer
 
 
@@ -39,7 +40,7 @@ def _train(batch, accum):
         return opt.get_lr()
 
     x, y = _data()
-    criterion = engine.TASKS["single_label"].train_loss(smoothing=0.1)
+    criterion = build_loss("single_label", "ce", smoothing=0.1)
     stats, steps = engine.train_one_epoch(model, criterion, _loader(x, y, batch), opt, 0, set_lr=set_lr,
                                           accum_iter=accum)
     return model, seen, steps, stats

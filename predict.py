@@ -1,0 +1,175 @@
+"""Apply a fine-tuned checkpoint to new images and write one row per image to a CSV.
+
+    python predict.py --resume output_dir/dr_regression_effv2m/checkpoint-best.pdparams \
+        --input new_images/ --output result.csv
+    python predict.py --resume RUN/checkpoint-best.pdparams --input pairs.csv --output result.csv   # dual-eye
+
+Everything the model needs comes from the checkpoint this toolkit wrote: the model name and size, the task,
+the class names, the preprocessing (fundus crop, resize) and the eval transform, and the decision thresholds
+tuned on validation (``--fixed_thresholds`` uses the default cuts instead). Single-view models read every
+image under a folder (recursively) or one image; dual-eye models read a CSV with ``left`` and ``right``
+image columns (paths relative to the CSV's folder).
+
+The output has ``file`` and ``prediction`` (class name / grade; for multi-label the ';'-joined positive
+labels) then the task's outputs (probabilities per class or label; the continuous grade for regression).
+The DR seed's ``result.csv`` (image name, predicted grade) is the first two columns.
+
+References: the DR-grading seed's predict step (REFERENCE.md section 3).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(os.cpu_count() or 1, 8))))
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+warnings.filterwarnings("ignore", message="No ccache found")
+
+from util.errors import UserError  # noqa: E402
+
+
+def find_images(path: str) -> list[str]:
+    from util.datasets import IMG_EXTENSIONS
+
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise UserError(f"--input {path}: no such file or folder; pass a folder of images or an image file")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
+    if not found:
+        raise UserError(f"--input {path}: no images found (expected {', '.join(IMG_EXTENSIONS)} files); "
+                        "check the folder")
+    return found
+
+
+def read_pairs(path: str) -> list[tuple[str, str]]:
+    import pandas as pd
+
+    if not (os.path.isfile(path) and path.lower().endswith(".csv")):
+        raise UserError(f"--input {path}: a dual-eye model needs a CSV with 'left' and 'right' image columns; "
+                        "write one row per patient")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("left", "right") if c not in table.columns]
+    if missing:
+        raise UserError(f"{path}: columns {missing} missing (found {list(table.columns)}; expected 'left' and "
+                        "'right' image paths); rename the columns")
+    root = os.path.dirname(os.path.abspath(path))
+    pairs = []
+    for i, (left, right) in enumerate(zip(table["left"], table["right"])):
+        if not left or not right:
+            raise UserError(f"{path}: row {i + 2} lacks the {'left' if not left else 'right'} image "
+                            "(both eyes expected); fill the cell or drop the row")
+        pairs.append((os.path.join(root, left), os.path.join(root, right)))
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--resume", required=True, help="checkpoint-best.pdparams written by main_finetune.py")
+    p.add_argument("--input", required=True, help="image folder or file (dual-eye: CSV with left,right)")
+    p.add_argument("--output", default="result.csv", help="CSV to write")
+    p.add_argument("--batch_size", default=16, type=int)
+    p.add_argument("--fixed_thresholds", action="store_true",
+                   help="use the default cuts (0.5 / grade midpoints) instead of the thresholds tuned on val")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    a = p.parse_args(argv)
+    try:
+        return predict(a)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+def predict(a) -> int:
+    import paddle
+
+    import engine_finetune as engine
+    from models import create_model
+    from models.pretrained import load_state_dict_strict
+    from util.checkpoint import read_toolkit_checkpoint
+    from util.datasets import load_image
+    from util.dual_transforms import build_dual_transform
+    from util.fileio import atomic_path
+    from util.fundus import FundusReader, build_preprocess
+    from util.transforms import build_transform
+
+    state = read_toolkit_checkpoint(a.resume)
+    if state is None or "inference" not in state["meta"]:
+        raise UserError(f"--resume {a.resume}: not a checkpoint written by this toolkit's training (it has no "
+                        "model description); pass <run folder>/checkpoint-best.pdparams")
+    if a.batch_size < 1:
+        raise UserError(f"--batch_size {a.batch_size}: expected 1 or more; pass a positive batch size")
+    meta, inf = state["meta"], state["meta"]["inference"]
+    has_gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+    paddle.set_device("gpu" if a.device == "gpu" or (a.device == "auto" and has_gpu) else "cpu")
+    task = engine.get_task(meta["task_type"])
+    nb_classes, class_names = int(meta["nb_classes"]), list(meta["class_names"])
+    model = create_model(meta["model"], num_classes=task.num_outputs(nb_classes), global_pool=meta["global_pool"],
+                         img_size=meta["input_size"])
+    load_state_dict_strict(model, state["model"], a.resume)
+    model.eval()
+    thresholds = None if a.fixed_thresholds else state.get("thresholds")
+
+    preprocess = build_preprocess(inf["fundus_crop"], threshold=inf["fov_threshold"], size=inf["preprocess_size"])
+    reader = FundusReader(preprocess) if preprocess else load_image
+    common = dict(mean=inf["mean"], std=inf["std"], interpolation=inf["interpolation"], crop_pct=inf["crop_pct"])
+    if model.num_views == 2:
+        items = read_pairs(a.input)
+        transform = build_dual_transform(False, meta["input_size"], **common)
+
+        def load(item):
+            return transform([reader(item[0]), reader(item[1])])
+
+        names = [f"{os.path.basename(left)}|{os.path.basename(right)}" for left, right in items]
+    else:
+        items = find_images(a.input)
+        transform = build_transform(False, meta["input_size"], **common)
+
+        def load(item):
+            return transform(reader(item))
+
+        base = a.input if os.path.isdir(a.input) else os.path.dirname(a.input)
+        names = [os.path.relpath(f, base).replace(os.sep, "/") for f in items]
+
+    outputs = []
+    with paddle.no_grad():
+        for start in range(0, len(items), a.batch_size):
+            batch = np.stack([load(it) for it in items[start:start + a.batch_size]])
+            logits = model(paddle.to_tensor(batch)).astype("float32")
+            outputs.append(task.activation(logits).numpy().astype(np.float64))
+            print(f"\rpredicted {min(start + a.batch_size, len(items))}/{len(items)}", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    outputs = np.concatenate(outputs)
+    preds = task.predict(outputs, nb_classes, thresholds)
+    with atomic_path(a.output, suffix=".csv") as tmp:
+        with open(tmp, "w", newline="", encoding="utf8") as f:
+            w = csv.writer(f)
+            if preds.ndim == 2:
+                w.writerow(["file", "prediction"] + [f"prob_{c}" for c in class_names])
+                for n, pr, out in zip(names, preds, outputs):
+                    w.writerow([n, ";".join(c for c, v in zip(class_names, pr) if v)] + [f"{v:.6f}" for v in out])
+            elif outputs.shape[1] == 1:
+                w.writerow(["file", "prediction", "output"])
+                for n, pr, out in zip(names, preds, outputs):
+                    w.writerow([n, int(pr), f"{out[0]:.6f}"])
+            else:
+                w.writerow(["file", "prediction"] + [f"prob_{c}" for c in class_names])
+                for n, pr, out in zip(names, preds, outputs):
+                    w.writerow([n, class_names[int(pr)]] + [f"{v:.6f}" for v in out])
+    print(f"wrote {len(items)} predictions to {a.output}"
+          + (" (thresholds tuned on val)" if thresholds is not None else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

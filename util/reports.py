@@ -1,0 +1,163 @@
+"""Files a user reads after a run: per-class tables, per-image predictions, confusion matrices, thresholds.
+
+Every writer works from what ``engine_finetune.evaluate`` returns (metrics with a ``per_class`` table,
+labels and outputs in dataset order) and the task's ``predict``, so nothing here branches on the task name
+except the choice of confusion-matrix picture (one K x K matrix for classes and grades; one 2 x 2 matrix
+per label for multi-label data).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+from util.fileio import atomic_path
+from util.metrics import confusion_matrix, save_confusion_matrix_png
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "nan" if not math.isfinite(float(value)) else f"{float(value):.6g}"
+    return str(value)
+
+
+def per_class_columns(rows: list[dict]) -> list[str]:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    return cols
+
+
+def append_per_class_csv(path: str, rows: list[dict], epoch: int | None = None) -> None:
+    """Append one row per class to ``path`` (header written when the file is new), tagged with ``epoch``."""
+    if not rows:
+        return
+    cols = per_class_columns(rows)
+    new = not os.path.isfile(path)
+    with open(path, "a", newline="", encoding="utf8") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow((["epoch"] if epoch is not None else []) + cols)
+        for r in rows:
+            w.writerow(([epoch] if epoch is not None else []) + [_fmt(r.get(c, "")) for c in cols])
+
+
+def format_per_class(rows: list[dict], keys: Sequence[str] = ("precision", "recall", "f1", "support")) -> str:
+    """A fixed-width per-class table for the console."""
+    keys = [k for k in keys if rows and k in rows[0]]
+    width = max([5] + [len(str(r["class"])) for r in rows])
+    lines = [f"{'class':<{width}}  " + "  ".join(f"{k:>9}" for k in keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r[k]
+            cells.append(f"{int(v):>9d}" if k == "support" else f"{float(v):>9.4f}")
+        lines.append(f"{str(r['class']):<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def save_thresholds_json(path: str, task: str, class_names: Sequence[str], thresholds, source: str) -> None:
+    """The decision thresholds a run uses at test time, and where they were tuned."""
+    with atomic_path(path, suffix=".json") as tmp:
+        with open(tmp, "w", encoding="utf8") as f:
+            json.dump({"task": task, "source": source, "class_names": list(class_names),
+                       "thresholds": None if thresholds is None else [float(t) for t in thresholds]}, f, indent=2)
+
+
+def save_multilabel_confusion_png(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str],
+                                  path: str, title: str) -> str:
+    """One 2 x 2 confusion matrix (rows true 0/1, columns predicted 0/1) per label, in a grid."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(class_names)
+    cols = min(4, n)
+    rows = int(math.ceil(n / cols))
+    fig = Figure(figsize=(2.6 * cols, 2.6 * rows + 0.4), dpi=120)
+    FigureCanvasAgg(fig)
+    for i, name in enumerate(class_names):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        cm = confusion_matrix(y_true[:, i], y_pred[:, i], 2)
+        totals = cm.sum(axis=1, keepdims=True)
+        norm = np.divide(cm, totals, out=np.zeros(cm.shape), where=totals > 0)
+        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        for t in range(2):
+            for p in range(2):
+                ax.text(p, t, str(int(cm[t, p])), ha="center", va="center",
+                        color="white" if norm[t, p] > 0.5 else "black")
+        ax.set_xticks([0, 1])
+        ax.set_yticks([0, 1])
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(str(name), fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def write_test_report(run_dir: str, task, stats: dict, y_true: np.ndarray, outputs: np.ndarray, dataset,
+                      nb_classes: int) -> list[str]:
+    """per_class_test.csv, predictions_test.csv and the confusion matrix picture(s); returns the paths."""
+    class_names = list(dataset.class_names)
+    thresholds = stats.get("thresholds")
+    written = []
+    path = os.path.join(run_dir, "per_class_test.csv")
+    if os.path.exists(path):
+        os.remove(path)
+    append_per_class_csv(path, stats.get("per_class", []))
+    written.append(path)
+
+    fixed = task.predict(outputs, nb_classes, None)
+    tuned = task.predict(outputs, nb_classes, thresholds) if thresholds is not None else None
+    if fixed.ndim == 2:  # one 0/1 column per label
+        p = save_multilabel_confusion_png(y_true, fixed, class_names,
+                                          os.path.join(run_dir, "confusion_matrix_test.png"),
+                                          "Test confusion per label (threshold 0.5)")
+        written.append(p)
+        if tuned is not None:
+            written.append(save_multilabel_confusion_png(
+                y_true, tuned, class_names, os.path.join(run_dir, "confusion_matrix_test_tuned.png"),
+                "Test confusion per label (thresholds tuned on val)"))
+    else:
+        truth = np.rint(y_true).astype(np.int64)
+        ok = fixed >= 0  # a diverged regression output (NaN) has grade -1: left out of the picture
+        truth, fixed_cm = truth[ok], fixed[ok]
+        written.append(save_confusion_matrix_png(confusion_matrix(truth, fixed_cm, len(class_names)), class_names,
+                                                 os.path.join(run_dir, "confusion_matrix_test.png"),
+                                                 title="Test confusion matrix"))
+        if tuned is not None:
+            written.append(save_confusion_matrix_png(
+                confusion_matrix(truth, tuned[ok], len(class_names)), class_names,
+                os.path.join(run_dir, "confusion_matrix_test_tuned.png"),
+                title="Test confusion matrix (thresholds tuned on val)"))
+
+    path = os.path.join(run_dir, "predictions_test.csv")
+    with open(path, "w", newline="", encoding="utf8") as f:
+        w = csv.writer(f)
+        if fixed.ndim == 2:
+            head = ([f"label_{c}" for c in class_names] + [f"prob_{c}" for c in class_names]
+                    + [f"pred_{c}" for c in class_names]
+                    + ([f"pred_tuned_{c}" for c in class_names] if tuned is not None else []))
+        elif outputs.shape[1] == 1:  # a continuous grade
+            head = ["label", "output", "prediction"] + (["prediction_tuned"] if tuned is not None else [])
+        else:
+            head = ["label", "prediction"] + [f"prob_{c}" for c in class_names]
+        w.writerow(["index", "file"] + head)
+        for i in range(len(y_true)):
+            if fixed.ndim == 2:
+                cells = ([int(v) for v in y_true[i]] + [f"{v:.6f}" for v in outputs[i]] + [int(v) for v in fixed[i]]
+                         + ([int(v) for v in tuned[i]] if tuned is not None else []))
+            elif outputs.shape[1] == 1:
+                cells = [_fmt(float(y_true[i])), f"{outputs[i, 0]:.6f}", int(fixed[i])] + \
+                        ([int(tuned[i])] if tuned is not None else [])
+            else:
+                cells = [int(y_true[i]), int(fixed[i])] + [f"{v:.6f}" for v in outputs[i]]
+            w.writerow([i, dataset.sample_id(i)] + cells)
+    written.append(path)
+    return written
