@@ -96,6 +96,7 @@ class TaskSpec:
     tune: Callable | None = None  # (y_true, outputs, num_classes) -> thresholds
     tune_by_default: bool = False
     minimize: frozenset = frozenset({"val_loss"})  # columns where lower is better
+    headline: tuple = ()  # the metrics printed each epoch and drawn in training_curves.png
 
     def selection_value(self, stats: dict, metric: str) -> float:
         """The number model selection maximises: the metric (negated when lower is better); NaN -> -inf."""
@@ -115,6 +116,7 @@ TASKS: dict[str, TaskSpec] = {
         predict=_single_label_predict,
         decode_labels=lambda cols: cols[:, 0].astype(np.int64),
         minimize=frozenset({"val_loss", "hamming"}),
+        headline=("accuracy", "f1", "roc_auc", "kappa", "score"),
     ),
     "multi_label": TaskSpec(
         name="multi_label",
@@ -129,6 +131,7 @@ TASKS: dict[str, TaskSpec] = {
         tune=lambda y, probs, k: tune_thresholds_f1(y, probs),  # per label, maximising its F1 on val
         tune_by_default=True,
         minimize=frozenset({"val_loss", "hamming"}),
+        headline=("f1_macro", "f1_micro", "roc_auc", "map", "odir_final"),
     ),
     "regression": TaskSpec(
         name="regression",
@@ -142,6 +145,7 @@ TASKS: dict[str, TaskSpec] = {
         decode_labels=lambda cols: cols[:, 0].astype(np.float64),
         tune=_regression_tune,
         minimize=frozenset({"val_loss", "mae"}),
+        headline=("accuracy", "f1", "kappa_quadratic", "mae"),
     ),
 }
 

@@ -124,13 +124,16 @@ def build_datasets(cfg, say) -> dict:
                                      fmt=cfg.data_format or None, options=options) for split in splits}
     first = datasets[splits[0]]
     class_names = list(first.class_names)
+    said = set()
     for split, ds in datasets.items():
         if list(ds.class_names) != class_names or ds.task != first.task:
             raise UserError(f"{cfg.data_path}/{split}: classes {list(ds.class_names)} ({ds.task}) differ from "
                             f"{splits[0]}'s {class_names} ({first.task}); use the same classes in every split")
         say(ds.describe())
         for note in getattr(ds, "notes", []):
-            say(f"note: {note}")
+            if note not in said:  # the splits of one table share their notes
+                said.add(note)
+                say(f"note: {note}")
         missing = [c for c, n in zip(ds.class_names, ds.class_counts()) if n == 0]
         if missing and split != "train":
             say(f"warning: {split} split has no {'positive ' if ds.task == 'multi_label' else ''}images of "
@@ -395,7 +398,7 @@ def fit(*, cfg, model, bare_model, loaders, task, nb_classes, class_names, amp, 
     last_path = os.path.join(run_dir, "checkpoint-last.pdparams") if run_dir else None
     best_path = os.path.join(run_dir, "checkpoint-best.pdparams") if run_dir else None
     n_parameters = info["n_parameters"]
-    headline = [k for k in task.columns if k != "val_loss"][:5]
+    headline = list(task.headline)
     if val_metric not in headline:
         headline.append(val_metric)
     say(f"Start training for {cfg.epochs} epochs ({steps_per_epoch} steps each), best checkpoint by val "
@@ -446,7 +449,7 @@ def fit(*, cfg, model, bare_model, loaders, task, nb_classes, class_names, amp, 
         from util.plots import save_training_curves_png
 
         save_training_curves_png(os.path.join(run_dir, "log.txt"), os.path.join(run_dir, "training_curves.png"),
-                                 best_epoch=best_epoch, metrics=tuple(headline[:4]))
+                                 best_epoch=best_epoch, metrics=tuple(headline))
 
     # the test runs once, on the best checkpoint, with the thresholds tuned at that epoch
     if best_path and os.path.isfile(best_path):

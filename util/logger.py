@@ -16,7 +16,7 @@ import time
 
 def _clean(value):
     """JSON/CSV-friendly value: numpy scalars to Python, NaN kept as float('nan')."""
-    if hasattr(value, "item"):
+    if hasattr(value, "item") and getattr(value, "size", 1) == 1:
         value = value.item()
     return value
 
@@ -38,7 +38,8 @@ class RunLogger:
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
         for k, v in values.items():
-            if isinstance(v, (int, float)) or hasattr(v, "item"):
+            v = _clean(v)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.scalar(f"{prefix}/{k}", _clean(v), step)
 
     def json_line(self, record: dict, name: str = "log.txt") -> None:

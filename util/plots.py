@@ -45,7 +45,7 @@ def save_training_curves_png(log_path: str, path: str, best_epoch: int | None = 
     for name in metrics:
         ax_val.plot(epochs, _series(records, f"val_{name}"), marker="o", label=name)
     ax_val.set_xlabel("epoch")
-    ax_val.set_title("validation (score = (F1 + AUROC + kappa) / 3)")
+    ax_val.set_title("validation" + (" (score = (F1 + AUROC + kappa) / 3)" if "score" in metrics else ""))
     for ax in (ax_loss, ax_val):
         if best_epoch is not None and best_epoch >= 0:
             ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch {best_epoch}")
