@@ -4,6 +4,7 @@ Old reference spellings resolve through the explicit alias table ``MODEL_ALIASES
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from util.errors import unknown_name_error
@@ -19,7 +20,8 @@ MODEL_ALIASES: dict[str, str] = {
 
 def register_model(fn: Callable) -> Callable:
     """Register ``fn`` under its function name. The factory signature is
-    ``fn(num_classes: int, drop_path_rate: float = 0., global_pool: bool = True, img_size: int = 224)``.
+    ``fn(num_classes: int, drop_path_rate: float = 0., global_pool: bool = True, img_size: int = <default>)``,
+    the default ``img_size`` being the input size the model is meant for (EfficientNet-B4: 380).
     """
     name = fn.__name__
     if name in _MODELS:
@@ -40,8 +42,14 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
+def default_img_size(name: str) -> int:
+    """The input size model ``name`` is built for when no ``img_size`` is given (its factory's default)."""
+    return int(inspect.signature(_MODELS[resolve_model_name(name)]).parameters["img_size"].default)
+
+
 def create_model(name: str, num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
-                 img_size: int = 224):
-    """Build a registered model by name."""
-    return _MODELS[resolve_model_name(name)](num_classes=num_classes, drop_path_rate=drop_path_rate,
-                                             global_pool=global_pool, img_size=img_size)
+                 img_size: int | None = None):
+    """Build a registered model by name; ``img_size=None`` uses the model's default (``default_img_size``)."""
+    fn = _MODELS[resolve_model_name(name)]
+    kwargs = {} if img_size is None else {"img_size": int(img_size)}
+    return fn(num_classes=num_classes, drop_path_rate=drop_path_rate, global_pool=global_pool, **kwargs)

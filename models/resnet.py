@@ -2,47 +2,28 @@
 
 ``resnet18`` is the demo model: RetinaMNIST images are 28 px, and the published MedMNIST baselines are
 ResNet-18/50, so a ResNet-18 at a small input size (64 px) is both comparable to the published numbers and
-trainable on a 2-core CPU in minutes (a ViT on 28 px photos would be neither). ``resnet_test`` is a one-block-
-per-stage variant that runs the same code path in tests.
+trainable on a 2-core CPU in minutes (a ViT on 28 px photos would be neither). ``resnet50`` (bottleneck blocks)
+is the CNN baseline of the seed systems and the backbone of ``dual_resnet50``. ``resnet_test`` and
+``resnet50_test`` are one-block-per-stage variants that run the basic-block and bottleneck code paths in tests.
+
+Layer ids: stem (7x7 conv; the max pool has no parameters) 0, residual stage s (1..4) s, ``fc`` 5.
+Parameter names are PaddleClas's under ``backbone.``, so PaddleClas ImageNet ``ResNet18/50_pretrained.pdparams``
+files load through ``--finetune`` (their 1000-class ``fc`` is dropped). ``drop_path_rate`` and ``global_pool``
+do not apply (PaddleClas's ResNet has no stochastic depth; pooling is always global average).
 
 References: PaddleClas ``ppcls/arch/backbone/legendary_models/resnet.py`` (the backbone itself is imported,
 not reimplemented); He et al., "Deep Residual Learning for Image Recognition", CVPR 2016.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-
-import numpy as np
 import paddle
-from paddle import nn
 
+from models.cnn import PaddleClasCNN, _quiet
 from models.registry import register_model
-from models.vit import trunc_normal_
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Silence PaddleClas's import and construction chatter (faiss loading, deprecation notes)."""
-    logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-class PaddleClasResNet(nn.Layer):
-    """A PaddleClas ResNet with its ``fc`` as the classification head.
-
-    Layer ids for layer-wise LR decay: stem -> 0, residual stage s (1..4) -> s, head (``fc``) -> 5.
-    """
-
-    num_views = 1
+class PaddleClasResNet(PaddleClasCNN):
+    """A PaddleClas ResNet ("vb" stem) with its ``fc`` as the classification head."""
 
     def __init__(self, block_depth: list[int], block_type: str, num_channels: list[int], num_classes: int,
                  img_size: int = 224):
@@ -51,60 +32,41 @@ class PaddleClasResNet(nn.Layer):
         with _quiet():
             from paddleclas.ppcls.arch.backbone.legendary_models.resnet import ResNet
 
-            self.backbone = ResNet(config=config, stages_pattern=[], version="vb", class_num=num_classes)
-        self.num_outputs = num_classes
-        self.num_features = self.backbone.avg_pool_channels
-        self.num_layers = len(block_depth) + 1
-        # block index -> stage number (1-based)
-        self._block_stage = [s + 1 for s, d in enumerate(block_depth) for _ in range(d)]
-        crop_pct = 224 / 256 if img_size <= 224 else 1.0
-        self.default_cfg = {"input_size": img_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-                            "interpolation": "bicubic", "crop_pct": crop_pct}
+            self.backbone = ResNet(config=config, stages_pattern=[], version="vb",
+                                   class_num=max(num_classes, 1))
+        net = self.backbone
+        blocks = list(net.blocks)
+        bounds = [sum(block_depth[:s]) for s in range(len(block_depth) + 1)]
+        stages = [[net.stem]] + [blocks[bounds[s]:bounds[s + 1]] for s in range(len(block_depth))]
+        self._describe(num_classes, img_size, head_attr="fc", num_features=net.avg_pool_channels, stages=stages)
 
-    @property
-    def head(self) -> nn.Linear:
-        return self.backbone.fc
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.backbone(x)
-
-    def layer_id(self, name: str) -> int:
-        parts = name.split(".")
-        if parts[1] == "stem":
-            return 0
-        if parts[1] == "blocks":
-            return self._block_stage[int(parts[2])]
-        return self.num_layers
-
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-    def reset_head(self, std: float = 2e-5) -> None:
-        """Head weight ~ trunc_normal(std) (the ViT's initialiser, timm semantics), bias zero."""
-        trunc_normal_(self.head.weight, std=std)
-        self.head.bias.set_value(np.zeros(self.head.bias.shape, dtype=np.float32))
-
-    def prepare_pretrained(self, state_dict: dict) -> tuple[dict, set[str]]:
-        """Drop a head whose shape differs (an ImageNet ``fc``); nothing else is expected to be missing."""
-        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
-        out, missing = {}, set()
-        for k, v in state_dict.items():
-            if not k.startswith("backbone."):
-                k = "backbone." + k  # PaddleClas .pdparams files have no wrapper prefix
-            if k.startswith("backbone.fc.") and k in own and tuple(v.shape) != own[k]:
-                missing.add(k)
-                continue
-            out[k] = v
-        return out, missing
+    def forward_feature_map(self, x: paddle.Tensor) -> paddle.Tensor:
+        net = self.backbone
+        x = net.stem(x)
+        if net.max_pool:
+            x = net.max_pool(x)
+        return net.blocks(x)
 
 
 @register_model
 def resnet18(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 224):
-    """ResNet-18 (PaddleClas backbone). ``drop_path_rate`` and ``global_pool`` do not apply."""
+    """ResNet-18 (PaddleClas backbone, basic blocks)."""
     return PaddleClasResNet([2, 2, 2, 2], "BasicBlock", [64, 64, 128, 256], num_classes, img_size)
+
+
+@register_model
+def resnet50(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 224):
+    """ResNet-50 (PaddleClas backbone, bottleneck blocks, 2048 features)."""
+    return PaddleClasResNet([3, 4, 6, 3], "BottleneckBlock", [64, 256, 512, 1024], num_classes, img_size)
 
 
 @register_model
 def resnet_test(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 32):
     """One basic block per stage: the resnet18 code path, small enough for unit tests."""
     return PaddleClasResNet([1, 1, 1, 1], "BasicBlock", [64, 64, 128, 256], num_classes, img_size)
+
+
+@register_model
+def resnet50_test(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 32):
+    """One bottleneck block per stage: the resnet50 code path for unit tests (PaddleClas fixes the widths)."""
+    return PaddleClasResNet([1, 1, 1, 1], "BottleneckBlock", [64, 256, 512, 1024], num_classes, img_size)
