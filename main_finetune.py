@@ -72,9 +72,10 @@ def build_loaders(datasets: dict, batch_size: int, num_workers: int, seed: int, 
     return loaders, seeders
 
 
-def run_identity(cfg, model_name: str, nb_classes: int, class_names: list, task_type: str) -> dict:
+def run_identity(cfg, model_name: str, nb_classes: int, class_names: list, task_type: str,
+                 input_size: int) -> dict:
     return {"model": model_name, "nb_classes": nb_classes, "class_names": list(class_names),
-            "input_size": cfg.input_size, "global_pool": cfg.global_pool,
+            "input_size": input_size, "global_pool": cfg.global_pool,
             "data_path": os.path.abspath(cfg.data_path), "task_type": task_type}
 
 
@@ -152,18 +153,19 @@ def attach_transforms(datasets: dict, cfg, data_cfg: dict) -> None:
     reader = FundusReader(preprocess, cache_dir=cfg.cache_dir or None) if (preprocess or cfg.cache_dir) else None
     common = dict(mean=data_cfg["mean"], std=data_cfg["std"], interpolation=data_cfg.get("interpolation", "bicubic"),
                   crop_pct=data_cfg.get("crop_pct"))
+    size = data_cfg["input_size"]
     for split, ds in datasets.items():
         ds.reader = reader
         train = split == "train"
         if ds.num_views == 2:
             extra = dict(hflip=cfg.hflip, vflip=cfg.vflip, rotation=cfg.rotation, color_jitter=cfg.color_jitter)
-            ds.transform = build_dual_transform(train, cfg.input_size, **common, **(extra if train else {}))
+            ds.transform = build_dual_transform(train, size, **common, **(extra if train else {}))
         elif train:
-            ds.transform = build_transform(True, cfg.input_size, aa=cfg.aa, reprob=cfg.reprob, remode=cfg.remode,
+            ds.transform = build_transform(True, size, aa=cfg.aa, reprob=cfg.reprob, remode=cfg.remode,
                                            recount=cfg.recount, color_jitter=cfg.color_jitter, hflip=cfg.hflip,
                                            policy=cfg.train_aug, rotation=cfg.rotation, vflip=cfg.vflip, **common)
         else:
-            ds.transform = build_transform(False, cfg.input_size, **common)
+            ds.transform = build_transform(False, size, **common)
 
 
 def load_weights(cfg, model, identity: dict, verbose: bool) -> dict | None:
@@ -234,14 +236,14 @@ def main(cfg) -> dict:
         raise UserError(f"--model {model_name} takes {model.num_views} image(s) per sample but the dataset "
                         f"at {cfg.data_path} gives {first.num_views}; pick a matching model (dual_* models take "
                         f"a left and a right eye; --eye_mode per_eye turns a dual-eye table into single images)")
-    data_cfg = dict(model.default_cfg)
+    data_cfg = dict(model.default_cfg)  # input_size: --input_size, or the model's own default size
     if cfg.crop_pct is not None:
         data_cfg["crop_pct"] = cfg.crop_pct
     attach_transforms(datasets, cfg, data_cfg)
 
     data_name = os.path.splitext(os.path.basename(os.path.normpath(cfg.data_path)))[0]
     run_dir = os.path.join(cfg.output_dir, cfg.task or f"{model_name}_{data_name}") if cfg.output_dir else None
-    identity = run_identity(cfg, model_name, nb_classes, class_names, first.task)
+    identity = run_identity(cfg, model_name, nb_classes, class_names, first.task, data_cfg["input_size"])
     # what predict.py needs to apply the checkpoint to new images
     identity["inference"] = {"mean": list(data_cfg["mean"]), "std": list(data_cfg["std"]),
                              "interpolation": data_cfg.get("interpolation", "bicubic"),
@@ -255,7 +257,7 @@ def main(cfg) -> dict:
 
     n_parameters = sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient)
     say(f"Model {model_name}: {n_parameters / 1e6:.2f} M trainable parameters, task {task.name}, "
-        f"{nb_classes} {'labels' if task.name == 'multi_label' else 'classes'}")
+        f"{nb_classes} {'labels' if task.name == 'multi_label' else 'classes'}, input {data_cfg['input_size']} px")
 
     loaders, seeders = build_loaders(datasets, cfg.batch_size, cfg.num_workers, seed, rank, world,
                                      balanced=cfg.balanced_sampler and not cfg.eval)

@@ -158,11 +158,13 @@ def load_pretrained(model: paddle.nn.Layer, source: str, weights_dir: str = "./w
     sd, convert_report = read_paddle_state_dict(path)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     new_sd, allowed_missing = model.prepare_pretrained(sd)
-    dropped = sorted(k for k in sd if k not in new_sd)
+    # a key counts as used when it survives, or its array does under a new name (CNN/dual models add a prefix)
+    used_arrays = {id(v) for v in new_sd.values()}
+    dropped = sorted(k for k, v in sd.items() if k not in new_sd and id(v) not in used_arrays)
     missing = _check_keys(path, own, new_sd, set(allowed_missing), getattr(model, "global_pool", None))
     _assign(model, new_sd)
 
-    head_keys = [k for k in own if k.startswith("head.")]
+    head_keys = _head_keys(model, own)
     head_loaded = bool(head_keys) and all(k in new_sd for k in head_keys)
     head_reset = (not head_loaded) if reinit_head is None else bool(reinit_head)
     if head_reset and hasattr(model, "reset_head"):
@@ -182,6 +184,17 @@ def load_pretrained(model: paddle.nn.Layer, source: str, weights_dir: str = "./w
     if verbose:
         print(summarize(report))
     return report
+
+
+def _head_keys(model: paddle.nn.Layer, own: dict) -> list[str]:
+    """State-dict keys of ``model.head`` (``head.*`` for the ViT, ``backbone.fc.*`` for a PaddleClas ResNet...)."""
+    head = getattr(model, "head", None)
+    if head is None:
+        return [k for k in own if k.startswith("head.")]
+    for name, layer in model.named_sublayers():
+        if layer is head:
+            return [k for k in own if k.startswith(name + ".")]
+    return []
 
 
 def load_finetuned(model: paddle.nn.Layer, source: str, weights_dir: str = "./weights",

@@ -244,3 +244,19 @@ def test_dual_retfound_checkpoint_at_another_input_size_gets_its_pos_embed_resiz
     np.testing.assert_array_equal(own["backbone.pos_embed"].numpy()[:, :1], ref["backbone.pos_embed"].numpy()[:, :1])
     np.testing.assert_array_equal(own["cross_right.norm.weight"].numpy(), ref["cross_right.norm.weight"].numpy())
     np.testing.assert_array_equal(own["head.weight"].numpy(), ref["head.weight"].numpy())
+
+
+@pytest.mark.parametrize("name", ["resnet_test", "efficientnet_test", "convnext_test"])
+def test_fitting_head_is_kept_and_nothing_reported_dropped(tmp_path, name):
+    """A checkpoint of the same model (head included) loaded with the default reinit_head=None keeps its head;
+    the report lists no key as dropped even though the CNN wrapper prefixes PaddleClas keys."""
+    paddle.seed(3)
+    src = create_model(name, num_classes=4)
+    path = str(tmp_path / "w.pdparams")
+    paddle.save({k[len("backbone."):]: v for k, v in src.state_dict().items()}, path)  # PaddleClas key layout
+    paddle.seed(4)
+    dst = create_model(name, num_classes=4)
+    report = load_pretrained(dst, path, verbose=False)
+    assert report["dropped"] == [] and not report["head_reset"]
+    for k, v in src.state_dict().items():
+        np.testing.assert_array_equal(dst.state_dict()[k].numpy(), v.numpy(), err_msg=k)

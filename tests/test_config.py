@@ -32,7 +32,7 @@ def test_reference_command_line_parses_unchanged():
 
 def test_recipe_defaults():
     cfg = resolve_config(['--data_path', 'x'])
-    expected = dict(batch_size=16, epochs=100, accum_iter=1, model='retfound_mae', input_size=224, drop_path=0.2,
+    expected = dict(batch_size=16, epochs=100, accum_iter=1, model='retfound_mae', input_size=None, drop_path=0.2,
                     clip_grad=None, weight_decay=0.05, lr=None, blr=5e-3, layer_decay=0.65, min_lr=1e-6,
                     warmup_epochs=10.0, color_jitter=None, aa='rand-m9-mstd0.5-inc1', smoothing=0.1,
                     reprob=0.25, remode='pixel', recount=1, resplit=False, mixup=0.0, cutmix=0.0,

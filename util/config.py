@@ -68,7 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('model')
     g.add_argument('--model', default='retfound_mae', type=str,
                    help='registered model name (reference spellings such as RETFound_mae resolve too)')
-    g.add_argument('--input_size', default=224, type=int, help='image size')
+    g.add_argument('--input_size', default=None, type=int,
+                   help="image size (default: the model's own: 224 for retfound_mae, 380 for efficientnet_b4, ...)")
     g.add_argument('--crop_pct', default=None, type=float,
                    help="eval resize = input_size / crop_pct then centre crop (default: the model's, RETFound: "
                         "224/256 up to 224 px, else 1.0); also the resize before the basic policy's random crop")
@@ -367,7 +368,7 @@ def validate_config(cfg: argparse.Namespace) -> None:
         raise UserError("--data_path: missing (a class-folder root or a .npz file is required); pass "
                         "--data_path <path> or set data_path in the --config preset")
     for flag in ('batch_size', 'epochs', 'accum_iter', 'input_size', 'recount', 'print_freq', 'world_size'):
-        if getattr(cfg, flag) < 1:
+        if getattr(cfg, flag) is not None and getattr(cfg, flag) < 1:
             fail(flag, 'out of range', 'expected a positive integer', f'pass --{flag} 1 or more')
     for flag in ('num_workers', 'start_epoch', 'seed'):
         if getattr(cfg, flag) < 0:
