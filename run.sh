@@ -54,6 +54,15 @@ declare -A seed_data=(
 
 runs=()
 failed=0
+# run_preset NAME DATA TASK: one preset on its data, the run folder added to the summary
+run_preset() {
+  echo "=== $1: $2 -> $OUTPUT_DIR/$3"
+  if ! launch --config "configs/$1.yaml" --data_path "$2" --weights_dir "$WEIGHTS_DIR" \
+      --output_dir "$OUTPUT_DIR" --task "$3" "${extra[@]}"; then
+    echo "run.sh: $1 failed" >&2; failed=1
+  fi
+  runs+=("$OUTPUT_DIR/$3")
+}
 for name in "${names[@]}"; do
   if [ -n "${seed_data[$name]:-}" ]; then
     data="$DATA_ROOT/${seed_data[$name]}"
@@ -61,12 +70,7 @@ for name in "${names[@]}"; do
       echo "skipping $name: $data not found (see configs/$name.yaml for the expected files)"
       continue
     fi
-    echo "=== $name: $data -> $OUTPUT_DIR/$name"
-    if ! launch --config "configs/$name.yaml" --data_path "$data" --weights_dir "$WEIGHTS_DIR" \
-        --output_dir "$OUTPUT_DIR" --task "$name" "${extra[@]}"; then
-      echo "run.sh: $name failed" >&2; failed=1
-    fi
-    runs+=("$OUTPUT_DIR/$name")
+    run_preset "$name" "$data" "$name"
     continue
   fi
   if [ -z "${folder[$name]:-}" ]; then
@@ -77,13 +81,7 @@ for name in "${names[@]}"; do
     echo "skipping $name: $data not found (put the ${folder[$name]} train/val/test class folders there)"
     continue
   fi
-  task="RETFound_mae_meh-${folder[$name]}"
-  echo "=== $name: $data -> $OUTPUT_DIR/$task"
-  if ! launch --config "configs/$name.yaml" --data_path "$data" --weights_dir "$WEIGHTS_DIR" \
-      --output_dir "$OUTPUT_DIR" --task "$task" "${extra[@]}"; then
-    echo "run.sh: $name failed" >&2; failed=1
-  fi
-  runs+=("$OUTPUT_DIR/$task")
+  run_preset "$name" "$data" "RETFound_mae_meh-${folder[$name]}"
 done
 if [ ${#runs[@]} -gt 0 ]; then
   echo; echo "Test metrics per dataset:"

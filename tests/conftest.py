@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -46,3 +47,21 @@ def run_cli(args, cwd=ROOT, timeout=600, env_extra=None):
 
 TINY_ARGS = ["--model", "vit_test", "--input_size", "32", "--batch_size", "4", "--num_workers", "0",
              "--warmup_epochs", "1", "--blr", "1e-2", "--print_freq", "100"]
+
+
+def call_quietly(fn, *a, **kw):
+    """``fn(*a, **kw)``, asserting it warns about nothing."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = fn(*a, **kw)
+    assert not rec, [str(w.message) for w in rec]
+    return out
+
+
+def call_with_one_warning(fn, category, *a, **kw):
+    """``fn(*a, **kw)``, asserting exactly one warning of ``category``; returns (result, message)."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = fn(*a, **kw)
+    assert len(rec) == 1 and issubclass(rec[0].category, category), [str(w.message) for w in rec]
+    return out, str(rec[0].message)

@@ -2,12 +2,12 @@
 (random data and a hand-worked example), F1 threshold tuning against brute force, and degenerate inputs
 (NaN + exactly one MetricWarning, never an exception)."""
 import math
-import warnings
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from conftest import call_quietly, call_with_one_warning
 from util.metrics import MetricWarning
 from util.metrics_multilabel import (MULTILABEL_COLUMNS, binarize, compute_multilabel_metrics, odir_score,
                                      tune_thresholds_f1)
@@ -22,19 +22,11 @@ def _case(seed, n, num_labels, signal=1.5, rate=0.3):
 
 
 def _quiet(fn, *a, **kw):
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter('always')
-        out = fn(*a, **kw)
-    assert not rec, [str(w.message) for w in rec]
-    return out
+    return call_quietly(fn, *a, **kw)
 
 
 def _one_warning(fn, *a, **kw):
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter('always')
-        out = fn(*a, **kw)
-    assert len(rec) == 1 and issubclass(rec[0].category, MetricWarning), [str(w.message) for w in rec]
-    return out, str(rec[0].message)
+    return call_with_one_warning(fn, MetricWarning, *a, **kw)
 
 
 def _odir_definition(gt, pr):

@@ -2,12 +2,12 @@
 (never worse than its start, recovers shifted cuts, no single-cut move on a fine grid improves it) and
 degenerate inputs (NaN + exactly one MetricWarning, never an exception)."""
 import math
-import warnings
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from conftest import call_quietly, call_with_one_warning
 from util.metrics import MetricWarning
 from util.metrics_regression import (DEFAULT_GRADE_THRESHOLDS, REGRESSION_COLUMNS, compute_regression_metrics,
                                      cut_grades, default_grade_thresholds, optimise_thresholds_qwk)
@@ -24,19 +24,11 @@ def _qwk(y, pred, g):
 
 
 def _quiet(fn, *a, **kw):
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter('always')
-        out = fn(*a, **kw)
-    assert not rec, [str(w.message) for w in rec]
-    return out
+    return call_quietly(fn, *a, **kw)
 
 
 def _one_warning(fn, *a, **kw):
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter('always')
-        out = fn(*a, **kw)
-    assert len(rec) == 1 and issubclass(rec[0].category, MetricWarning), [str(w.message) for w in rec]
-    return out, str(rec[0].message)
+    return call_with_one_warning(fn, MetricWarning, *a, **kw)
 
 
 def test_columns_and_defaults():
