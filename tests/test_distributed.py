@@ -56,3 +56,27 @@ def test_two_process_gloo_training_and_exact_evaluation(tmp_path):
         assert float(two[k]) == pytest.approx(float(one[k]), abs=1e-5, nan_ok=True), k
     preds = (tmp_path / "d" / "ev" / "predictions_test.csv").read_text().strip().splitlines()
     assert len(preds) == 1 + 21
+
+
+@pytest.mark.slow
+def test_two_process_dual_eye_multilabel_with_balanced_sampler(tmp_path):
+    """Multi-label dual-eye data through 2 gloo processes: the weighted sampler shards one stream, label matrices
+    and tuned thresholds survive the gather, and --eval in 2 processes equals 1 process."""
+    from fixtures_data import make_odir_table
+
+    table = make_odir_table(tmp_path / "odir", n_patients=21, fmt="csv")
+    args = ["--model", "dual_resnet_test", "--input_size", "32", "--batch_size", "2", "--num_workers", "0",
+            "--warmup_epochs", "0", "--print_freq", "100", "--data_path", table]
+    res = launch([*args, "--epochs", "1", "--balanced_sampler", "--output_dir", tmp_path / "out", "--task", "ddp"],
+                 tmp_path / "log")
+    assert res.returncode == 0, res.stdout[-2000:] + worker_logs(tmp_path / "log")
+    ckpt = tmp_path / "out" / "ddp" / "checkpoint-best.pdparams"
+    single = run_cli([*args, "--eval", "--resume", ckpt, "--output_dir", tmp_path / "s", "--task", "ev"])
+    assert single.returncode == 0, single.stderr[-2000:]
+    res = launch([*args, "--eval", "--resume", ckpt, "--output_dir", tmp_path / "d", "--task", "ev"], tmp_path / "l2")
+    assert res.returncode == 0, worker_logs(tmp_path / "l2")
+    one = read_row(tmp_path / "s" / "ev" / "metrics_test.csv")
+    two = read_row(tmp_path / "d" / "ev" / "metrics_test.csv")
+    assert one["f1_macro_tuned"] not in ("", "nan")  # the checkpoint's thresholds were applied
+    for k in one:
+        assert float(two[k]) == pytest.approx(float(one[k]), abs=1e-5, nan_ok=True), k
