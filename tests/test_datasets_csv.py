@@ -9,8 +9,9 @@ import pytest
 
 from fixtures_data import SEED_MULTILABEL_COLUMNS, make_grading_csv, make_multilabel_csv
 from util.datasets import DataOptions, build_dataset
-from util.datasets_csv import GradingCsvDataset, MultiLabelCsvDataset, stratified_assign, table_kind
+from util.datasets_csv import GradingCsvDataset, MultiLabelCsvDataset, table_kind
 from util.errors import UserError
+from util.splits import stratified_assign
 from util.transforms import build_transform
 
 

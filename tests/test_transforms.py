@@ -10,8 +10,9 @@ from PIL import Image
 
 from util import randaugment as ra
 from util.errors import UserError
-from util.transforms import (ColorJitter, RandomCrop, RandomErasing, RandomResizedCrop, RandomRotation,
-                             adjust_hue, build_transform)
+from util.image_ops import ColorJitter, RandomCrop, RandomResizedCrop, RandomRotation, adjust_hue
+from util.random_erasing import RandomErasing
+from util.transforms import build_transform
 
 FIX = os.path.join(os.path.dirname(__file__), 'fixtures', 'transforms')
 MEAN = (0.485, 0.456, 0.406)

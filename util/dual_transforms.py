@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from util.transforms import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ColorJitter, RandomCrop,
-                             RandomRotation, Resize, ToArrayNormalize, build_transform, check_probability,
+from util.image_ops import ColorJitter, RandomCrop, RandomRotation, Resize, ToArrayNormalize
+from util.transforms import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_transform, check_probability,
                              jitter_factors, resolve_crop_pct)
 
 
