@@ -329,7 +329,8 @@ def test_import_order_does_not_matter():
     import sys
     root = os.path.join(os.path.dirname(__file__), '..')
     code = ("import importlib, sys\n"
-            "for first in ('util.datasets_odir', 'util.datasets_csv', 'util.datasets', 'util.samplers'):\n"
+            "for first in ('util.datasets_odir', 'util.datasets_csv', 'util.datasets', 'util.samplers',\n"
+            "              'util.tables', 'util.splits', 'util.image_paths'):\n"
             "    for m in [m for m in sys.modules if m.startswith('util.')]:\n"
             "        del sys.modules[m]\n"
             "    importlib.import_module(first)\n"
