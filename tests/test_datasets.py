@@ -339,4 +339,4 @@ def test_import_order_does_not_matter():
     out = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 4 and all(ln.endswith('csv_grading,csv_multilabel,folder,npz,odir') for ln in lines), lines
+    assert len(lines) == 7 and all(ln.endswith('csv_grading,csv_multilabel,folder,npz,odir') for ln in lines), lines
