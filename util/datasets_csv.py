@@ -202,6 +202,14 @@ def _patient_groups(src: TableSource, col: str | None) -> np.ndarray | None:
     return np.array([v if v else f'<blank patient, row {i}>' for i, v in enumerate(vals)], dtype=object)
 
 
+def _common_columns(src: TableSource, options: DataOptions) -> tuple[str | None, str | None, set, str]:
+    """(split column, patient column, the columns that are neither image nor label, image column)."""
+    split_col = find_split_col(src.frame, src.where, options)
+    patient_col = options.patient_col and require_column(src.frame, src.where, options.patient_col, '--patient_col')
+    exclude = {c for c in (split_col, patient_col) if c}
+    return split_col, patient_col, exclude, _image_column(src, options, exclude)
+
+
 def _image_column(src: TableSource, options: DataOptions, exclude: set) -> str:
     if options.image_col:
         return require_column(src.frame, src.where, options.image_col, '--image_col')
@@ -218,10 +226,7 @@ class MultiLabelCsvDataset(TableDataset):
     def _parse(self, src: TableSource, options: DataOptions, nb_classes: int | None) -> None:
         self.task = resolve_task(src.where, 'csv_multilabel', 'multi_label', ('multi_label',), options.task_type)
         df = src.frame
-        split_col = find_split_col(df, src.where, options)
-        patient_col = options.patient_col and require_column(df, src.where, options.patient_col, '--patient_col')
-        exclude = {c for c in (split_col, patient_col) if c}
-        image_col = _image_column(src, options, exclude)
+        split_col, patient_col, exclude, image_col = _common_columns(src, options)
         if options.label_cols:
             label_cols = [require_column(df, src.where, c, '--label_cols') for c in options.label_cols]
             dup = sorted(c for c, k in Counter(label_cols).items() if k > 1)
@@ -270,10 +275,7 @@ class GradingCsvDataset(TableDataset):
         self.task = resolve_task(src.where, 'csv_grading', 'regression', ('regression', 'single_label'),
                                  options.task_type)
         df = src.frame
-        split_col = find_split_col(df, src.where, options)
-        patient_col = options.patient_col and require_column(df, src.where, options.patient_col, '--patient_col')
-        exclude = {c for c in (split_col, patient_col) if c}
-        image_col = _image_column(src, options, exclude)
+        split_col, patient_col, exclude, image_col = _common_columns(src, options)
         if options.grade_col:
             grade_col = require_column(df, src.where, options.grade_col, '--grade_col')
         else:
