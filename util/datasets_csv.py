@@ -26,6 +26,8 @@ and patient-grouped split) and image paths are resolved by ``util/image_paths.py
 """
 from __future__ import annotations
 
+import abc
+
 import os
 from collections import Counter
 from typing import Callable
@@ -147,8 +149,9 @@ class TableDataset(RetinaDataset):
         if split == 'train':
             self._check_train_labels()
 
+    @abc.abstractmethod
     def _parse(self, src: TableSource, options: DataOptions, nb_classes: int | None) -> None:
-        raise NotImplementedError
+        """Read and validate the columns of every row and set the attributes listed in the class docstring."""
 
     def _samples(self, sel: np.ndarray) -> tuple[list[tuple[str, ...]], np.ndarray, list[int]]:
         """Listed paths, targets and source row index of each sample of the selected rows."""
