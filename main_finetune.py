@@ -366,9 +366,7 @@ def fit(*, cfg, model, bare_model, loaders, task, nb_classes, class_names, amp, 
                         "(argmax); remove the flag")
 
     def set_lr(epoch_float: float) -> float:
-        value = schedule.lr_at(epoch_float)
-        optimizer.set_lr(float(value))
-        return value
+        return schedule.adjust(optimizer, epoch_float)
 
     start_epoch, best_score, best_epoch, best_thresholds = cfg.start_epoch, -math.inf, -1, None
     if resume_state is not None:
