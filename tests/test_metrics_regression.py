@@ -9,7 +9,8 @@ from sklearn import metrics as skm
 
 from conftest import call_quietly, call_with_one_warning
 from util.metrics import MetricWarning
-from util.metrics_regression import (DEFAULT_GRADE_THRESHOLDS, REGRESSION_COLUMNS, compute_regression_metrics,
+from util.metrics_regression import (CUT_RESOLUTION, DEFAULT_GRADE_THRESHOLDS, REGRESSION_COLUMNS,
+                                     compute_regression_metrics,
                                      cut_grades, default_grade_thresholds, optimise_thresholds_qwk)
 
 
@@ -183,3 +184,31 @@ def test_keeps_init_when_nothing_improves():
     out = y.astype(float)                                             # already perfect at the midpoints
     np.testing.assert_array_equal(_quiet(optimise_thresholds_qwk, y, out, 5), DEFAULT_GRADE_THRESHOLDS)
     assert optimise_thresholds_qwk([], [], 5).tolist() == list(DEFAULT_GRADE_THRESHOLDS)
+
+
+def test_tuned_cuts_keep_a_margin_from_outputs_that_differ_by_rounding():
+    # a nearly constant model (the tiny test models): outputs equal up to float rounding must not be split
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 5, 60)
+    # grades 0-3 differ by 1e-9 only (a split there would be perfect on val and meaningless); grade 4 really differs
+    out = 0.0530408 + np.minimum(y, 3) * 1e-9 + (y == 4) * 0.3
+    t = _quiet(optimise_thresholds_qwk, y, out, 5)
+    gaps = np.abs(t[:, None] - out[None, :]).min(axis=1)
+    assert (gaps >= CUT_RESOLUTION / 2).all(), (t, gaps)
+    assert (np.diff(t) >= CUT_RESOLUTION / 4).all(), t
+    # the same outputs moved by float32 rounding get the same grades
+    jitter = out.astype(np.float32).astype(np.float64) + rng.normal(0, 1e-7, out.size)
+    np.testing.assert_array_equal(cut_grades(jitter, t), cut_grades(out, t))
+    # and the one real separation is still found
+    assert (cut_grades(out, t)[y == 4] > cut_grades(out, t)[y != 4].max()).all()
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_tuned_cuts_never_sit_within_half_the_resolution_of_an_output(seed):
+    rng = np.random.default_rng(seed)
+    y, out = _case(seed, 200, 5, noise=0.4)
+    # clusters finer than the resolution whose members have different grades
+    out = np.concatenate([out, out[:80] + rng.uniform(-3e-5, 3e-5, 80)])
+    y = np.concatenate([y, rng.integers(0, 5, 80)])
+    t = _quiet(optimise_thresholds_qwk, y, out, 5)
+    assert np.abs(t[:, None] - out[None, :]).min() >= CUT_RESOLUTION / 2

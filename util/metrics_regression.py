@@ -17,7 +17,10 @@ non-finite output (a diverged model) makes every metric NaN with one warning.
 positions that change which samples it separates, that maximises QWK of the whole split (computed exactly
 and vectorised from the confusion matrix), for a few sweeps until nothing improves. A cut only moves when
 QWK strictly improves, so the result is never worse than the start, the cuts stay strictly increasing,
-and the search is deterministic.
+and the search is deterministic. Outputs closer together than ``CUT_RESOLUTION`` count as one value, so a
+tuned cut never separates two outputs that differ only by float rounding (a float32 model evaluated in
+batches of another size moves its outputs by ~1e-7): every tuned cut lies at least ``CUT_RESOLUTION / 2``
+from every validation output and at least ``CUT_RESOLUTION / 4`` from its neighbouring cuts.
 
 References: the DR-grading regression seed system (SmoothL1 on one output, thresholds cut into grades 0-4,
 macro F1); the APTOS 2019 "OptimizedRounder" practice of tuning the cuts for QWK; scikit-learn
@@ -36,6 +39,8 @@ from util.metrics import MetricWarning, cohen_kappa, confusion_matrix, per_class
 REGRESSION_COLUMNS = ['val_loss', 'accuracy', 'f1', 'kappa_quadratic', 'kappa', 'mae', 'accuracy_tuned', 'f1_tuned',
                       'kappa_quadratic_tuned']
 DEFAULT_GRADE_THRESHOLDS = (0.5, 1.5, 2.5, 3.5)
+# outputs (in grade units) closer than this are one value to the cut search; see the module docstring
+CUT_RESOLUTION = 1e-4
 
 _SCALAR_KEYS = [c for c in REGRESSION_COLUMNS if c != 'val_loss']
 
@@ -192,8 +197,8 @@ def optimise_thresholds_qwk(y_true, outputs, num_grades: int, init=None, max_swe
     cuts)`` against ``y_true``, by coordinate ascent from ``init`` (default: the midpoints 0.5, 1.5, ...).
 
     Each step moves one cut to the best of all positions between its neighbours (one candidate per distinct
-    split of the samples there: midpoints between consecutive distinct outputs; 0.5 beyond the last output
-    when the neighbour is open), ties going to the position closest to the current cut; a cut only moves
+    split of the samples there: midpoints between consecutive distinct outputs, outputs closer than
+    ``CUT_RESOLUTION`` counting as one; 0.5 beyond the last output when the neighbour is open), ties going to the position closest to the current cut; a cut only moves
     when QWK strictly improves. Stops after a sweep without change or ``max_sweeps`` sweeps. Empty input,
     a single grade or non-finite outputs return ``init`` unchanged (non-finite: one ``MetricWarning``).
     """
@@ -226,12 +231,17 @@ def optimise_thresholds_qwk(y_true, outputs, num_grades: int, init=None, max_swe
             if not window.any():
                 continue
             base = confusion_matrix(y[~window], cut_grades(out[~window], t), G).astype(np.float64)
-            u, inv = np.unique(out[window], return_inverse=True)
-            cnt = np.zeros((len(u), G))
-            np.add.at(cnt, (inv.reshape(-1), y[window]), 1.0)
-            cum = np.vstack([np.zeros(G), np.cumsum(cnt, axis=0)])     # [m + 1, G]: first k values -> grade j
+            u = np.unique(out[window])
+            # runs of outputs closer than the resolution form one group: a cut never splits a group
+            group = np.concatenate([[0], np.cumsum(np.diff(u) >= CUT_RESOLUTION)])
+            gmin = u[np.concatenate([[True], np.diff(group) > 0])]
+            gmax = u[np.concatenate([np.diff(group) > 0, [True]])]
+            inv = group[np.searchsorted(u, out[window])]
+            cnt = np.zeros((len(gmin), G))
+            np.add.at(cnt, (inv, y[window]), 1.0)
+            cum = np.vstack([np.zeros(G), np.cumsum(cnt, axis=0)])     # [m + 1, G]: first k groups -> grade j
             tot = cum[-1]
-            # candidate cut k puts the k smallest distinct window outputs in grade j, the rest in j + 1
+            # candidate cut k puts the k smallest groups of window outputs in grade j, the rest in j + 1
             agree = (w * base).sum() + cum @ w[:, j] + (tot - cum) @ w[:, j + 1]
             cols = np.tile(base.sum(axis=0), (len(cum), 1))
             cols[:, j] += cum.sum(axis=1)
@@ -239,11 +249,12 @@ def optimise_thresholds_qwk(y_true, outputs, num_grades: int, init=None, max_swe
             den = cols @ v
             with np.errstate(divide='ignore', invalid='ignore'):
                 kappa = np.where(den > 0, 1.0 - agree / den, -math.inf)
-            left = np.concatenate([[lo if np.isfinite(lo) else u[0] - 1.0], u])
-            right = np.concatenate([u, [hi if np.isfinite(hi) else u[-1] + 1.0]])
+            left = np.concatenate([[lo if np.isfinite(lo) else gmin[0] - 1.0], gmax])
+            right = np.concatenate([gmin, [hi if np.isfinite(hi) else gmax[-1] + 1.0]])
             cand = (left + right) / 2.0
-            # the cut must realise its split (float rounding) and stay strictly between its neighbours
-            feasible = (cand > left) & (cand <= right) & (cand > lo) & (cand < hi)
+            # the cut keeps its margin from the outputs and cuts beside it, and stays between its neighbours
+            margin = CUT_RESOLUTION / 4
+            feasible = (cand - left >= margin) & (right - cand >= margin) & (cand > lo) & (cand < hi)
             kappa = np.where(feasible, kappa, -math.inf)
             top = kappa.max()
             if not top > best + 1e-12:
