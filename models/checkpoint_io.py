@@ -6,7 +6,8 @@ Formats (picked by extension, then checked by content):
   ``<prefix>/data.pkl`` (the pickled object tree), ``<prefix>/data/<key>`` (one raw storage per key),
   ``<prefix>/byteorder``. Files written with ``_use_new_zipfile_serialization=False`` (the pre-1.6
   layout) are read too.
-* Paddle ``.pdparams`` (a pickle of numpy arrays, as ``paddle.save`` writes it).
+* Paddle ``.pdparams`` (a pickle of numpy arrays, as ``paddle.save`` writes it; a Tensor saved inside a
+  container is the pair (name, array) and comes back as the array).
 * ``.safetensors`` (8-byte header length, JSON header, raw little-endian data).
 
 Pickles are read by a restricted unpickler (``models.torch_pickle``): only the globals a checkpoint
@@ -114,7 +115,7 @@ def _read_torch_legacy(path: str, keys: Iterable[str] | None, use_mmap: bool) ->
     with open(path, 'rb') as f:
         magic = _restricted_load(f, path)
         if not (isinstance(magic, int) and magic == _TORCH_LEGACY_MAGIC):
-            return _select(_pack_paddle_big_params(magic), keys)  # a plain pickle (e.g. Paddle's) named .pth
+            return _tensors_as_arrays(_select(_pack_paddle_big_params(magic), keys))  # a plain pickle (e.g. Paddle's) named .pth
         _restricted_load(f, path)  # protocol version
         sys_info = _restricted_load(f, path)
         big_endian = isinstance(sys_info, dict) and sys_info.get('little_endian') is False
@@ -166,10 +167,21 @@ def _pack_paddle_big_params(obj: Any) -> Any:
     return obj
 
 
+def _tensors_as_arrays(obj: Any) -> Any:
+    """``paddle.save`` pickles a Tensor as the pair (name, ndarray); give back the array, as ``paddle.load`` does."""
+    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], str) and isinstance(obj[1], np.ndarray):
+        return obj[1]
+    if isinstance(obj, dict):
+        return type(obj)((k, _tensors_as_arrays(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tensors_as_arrays(v) for v in obj)
+    return obj
+
+
 def _read_pickle(path: str, keys: Iterable[str] | None) -> Any:
     with open(path, 'rb') as f:
         obj = _restricted_load(f, path)
-    return _select(_pack_paddle_big_params(obj), keys)
+    return _tensors_as_arrays(_select(_pack_paddle_big_params(obj), keys))
 
 
 _SAFETENSORS_DTYPES = {
@@ -192,17 +204,26 @@ def _read_safetensors(path: str, keys: Iterable[str] | None, use_mmap: bool) -> 
         except ValueError as exc:
             raise UserError(f'{path}: safetensors header is not valid JSON ({exc}); the file is corrupt') from None
     data_start = 8 + header_len
+    if not isinstance(header, dict):
+        raise UserError(f'{path}: safetensors header is a JSON {type(header).__name__} (expected an object of '
+                        f'tensor name -> {{dtype, shape, data_offsets}}); the file is corrupt')
     header.pop('__metadata__', None)
     ranges, refs = {}, {}
     for name, meta in header.items():
         try:
+            if not isinstance(meta, dict):
+                raise TypeError(f'entry is a JSON {type(meta).__name__}, expected an object')
             dtype = _SAFETENSORS_DTYPES[meta['dtype']]
             shape = tuple(int(n) for n in meta['shape'])
             begin, end = (int(x) for x in meta['data_offsets'])
-        except KeyError as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f'{path}: tensor {name!r} has an unsupported dtype or a malformed header entry '
-                            f'({exc}); supported dtypes: {", ".join(_SAFETENSORS_DTYPES)}') from None
+                            f'({type(exc).__name__}: {exc}); expected {{"dtype": one of '
+                            f'{", ".join(_SAFETENSORS_DTYPES)}, "shape": [...], "data_offsets": [begin, end]}}'
+                            ) from None
         itemsize = 2 if dtype == _BFLOAT16 else np.dtype(dtype).itemsize
+        if any(n < 0 for n in shape):
+            raise UserError(f'{path}: tensor {name!r} has a negative dimension in shape {shape}; the file is corrupt')
         numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
         if end - begin != numel * itemsize or data_start + end > size or begin < 0:
             raise UserError(f'{path}: tensor {name!r} byte range {begin}..{end} does not match shape {shape} '
@@ -210,6 +231,11 @@ def _read_safetensors(path: str, keys: Iterable[str] | None, use_mmap: bool) -> 
         ranges[name] = (data_start + begin, end - begin)
         storage = _StorageRef(name, dtype, numel)
         refs[name] = _TensorRef(storage, 0, shape, _contiguous_strides(shape))
+    # the format lays tensors out one after another: two byte ranges that overlap mean a corrupt (or crafted) file
+    spans = sorted((start, start + n, name) for name, (start, n) in ranges.items() if n)
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise UserError(f'{path}: tensors {a!r} and {b!r} have overlapping byte ranges; the file is corrupt')
     source = _OffsetStorages(path, ranges, use_mmap, big_endian=False)
     try:
         out = {}
@@ -266,7 +292,7 @@ def read_checkpoint(path: str, keys: Iterable[str] | None = None, mmap: bool = T
         if ext in TORCH_EXTENSIONS:
             return _read_torch_legacy(path, keys, mmap)
         return _read_pickle(path, keys)
-    if len(head) > 8 and head[8:9] == b'{':
+    if ext in SAFETENSORS_EXTENSIONS or (len(head) > 8 and head[8:9] == b'{'):
         return _select(_read_safetensors(path, None, mmap), keys)
     raise UserError(f'{path}: unrecognised content (expected a torch.save zip, a pickle or safetensors for '
                     f'extension {ext!r}); the file is corrupt or not a checkpoint')

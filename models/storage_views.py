@@ -7,7 +7,7 @@ over a ``_StorageRef`` (storage key, dtype, element count); a ``_StorageSource``
 a plain file: the legacy torch layout, safetensors).
 
 The file is memory-mapped copy-on-write and a storage is a view at its offset, so an array costs page
-cache only when it is touched; without mmap (or for a compressed zip entry) each storage is read once.
+cache only when it is read (zip storages are read once to check their CRC-32 against the zip directory); without mmap (or for a compressed zip entry) each storage is read once.
 Non-contiguous tensors are copied once into C order; bfloat16 (``_BFLOAT16``, stored as uint16 bit
 patterns) is widened to float32; big-endian data is swapped to native order.
 
@@ -21,6 +21,7 @@ import mmap
 import os
 import struct
 import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,30 @@ class _StorageSource(abc.ABC):
     def read_raw(self, key: str) -> np.ndarray | None:
         return None
 
+    def verify(self, key: str, start: int, nbytes: int) -> None:
+        """Check the bytes of storage ``key`` against what the file says they are (no check by default)."""
+
+    def _crc32(self, start: int, nbytes: int) -> int:
+        crc, pos, end = 0, start, start + nbytes
+        if self._mm is not None:
+            view = memoryview(self._mm)
+            try:
+                while pos < end:  # in chunks, so at most a chunk of the mapping is touched at a time
+                    step = min(end - pos, 1 << 24)
+                    crc = zlib.crc32(view[pos:pos + step], crc)
+                    pos += step
+            finally:
+                view.release()
+            return crc
+        self._file.seek(start)
+        while pos < end:
+            chunk = self._file.read(min(end - pos, 1 << 24))
+            if not chunk:
+                break
+            crc = zlib.crc32(chunk, crc)
+            pos += len(chunk)
+        return crc
+
     def storage(self, ref: _StorageRef) -> np.ndarray:
         cache_key = f'{ref.key}/{ref.dtype}'
         if cache_key in self._cache:
@@ -76,6 +101,7 @@ class _StorageSource(abc.ABC):
             nbytes = raw.nbytes
         else:
             start, nbytes = self.locate(ref.key)
+            self.verify(ref.key, start, nbytes)
         if nbytes % dtype.itemsize:
             raise UserError(f'{self.path}: storage {ref.key!r} has {nbytes} bytes, not a multiple of '
                             f'{dtype.itemsize} ({base_dtype}); the file is corrupt')
@@ -115,6 +141,13 @@ class _ZipStorages(_StorageSource):
             return None
         # someone re-zipped the file with compression: no view possible, decompress once
         return np.frombuffer(bytearray(self._zf.read(info)), dtype=np.uint8)
+
+    def verify(self, key: str, start: int, nbytes: int) -> None:
+        # zip entries carry a CRC-32: a flipped bit in the weights must not load silently
+        info = self._info(key)
+        if self._crc32(start, nbytes) != info.CRC:
+            raise UserError(f'{self.path}: zip entry {info.filename!r} (storage {key!r}) fails its CRC-32 check; '
+                            f'the file is corrupt: download or copy it again')
 
     def locate(self, key: str) -> tuple[int, int]:
         info = self._info(key)

@@ -1,5 +1,10 @@
 """Run checkpoints: atomic writes, resume with a compatibility check, RNG state.
 
+Every checkpoint is read through the restricted reader of ``models.checkpoint_io`` (never ``paddle.load``,
+which is plain ``pickle.load``): a file that names anything but arrays, plain containers, numbers and
+strings is refused before any of it runs. So the RNG state is stored as plain values too (Paddle's
+``GeneratorState`` objects are converted to and from tuples here).
+
 ``checkpoint-last.pdparams`` is written after every epoch (model, optimizer, AMP scaler, epoch, best
 score, RNG state, and the run's identity in ``meta``); ``checkpoint-best.pdparams`` whenever the
 validation score improves. A file is written to a temporary name in the same folder and moved into place
@@ -26,14 +31,32 @@ def atomic_save(obj, path: str) -> None:
         paddle.save(obj, tmp)
 
 
+def _generator_to_plain(g) -> list:
+    # GeneratorState pickles as (device, seed, offset, [bytes of the Mersenne Twister state as text]);
+    # keep the same fields as plain values
+    device, seed, offset, text, *rest = g.__getstate__()
+    return [int(device), int(seed), int(offset), np.asarray(text, dtype=np.uint8), *rest]
+
+
+def _generator_from_plain(fields):
+    cls = type(paddle.get_rng_state()[0])
+    device, seed, offset, text, *rest = fields
+    g = cls.__new__(cls)
+    g.__setstate__((int(device), int(seed), int(offset), [int(b) for b in np.asarray(text).reshape(-1)], *rest))
+    return g
+
+
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "paddle": paddle.get_rng_state()}
+    """The python, numpy and paddle RNG states as plain values (tuples, lists, ints, numpy arrays)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "paddle": [_generator_to_plain(g) for g in paddle.get_rng_state()]}
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    paddle.set_rng_state(state["paddle"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))  # pickled tuples may come back as lists
+    np.random.set_state(tuple(state["numpy"]))
+    paddle.set_rng_state([_generator_from_plain(f) for f in state["paddle"]])
 
 
 def _param_names(model) -> dict[str, str]:
@@ -89,11 +112,16 @@ def save_checkpoint(path: str, *, model, optimizer=None, scaler=None, epoch: int
 
 
 def _read(path: str):
-    """``paddle.load`` with the two user errors: a missing file and an unreadable one."""
+    """The checkpoint's object tree (numpy arrays for tensors) through the restricted reader; a missing,
+    unreadable or code-carrying file raises ``UserError`` (nothing from it runs)."""
+    from models.checkpoint_io import read_checkpoint
+
     if not os.path.isfile(path):
         raise UserError(f"{path}: checkpoint not found; pass an existing file to --resume")
     try:
-        return paddle.load(path)
+        return read_checkpoint(path, mmap=False)
+    except UserError:
+        raise
     except Exception as exc:  # corrupt or foreign file
         raise UserError(f"{path}: could not read the checkpoint ({type(exc).__name__}: {exc}); "
                         "pass a checkpoint written by this toolkit, a converted .pdparams or a RETFound .pth") from exc
