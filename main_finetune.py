@@ -111,7 +111,8 @@ def data_options(cfg):
                        split_col=cfg.split_col, val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio,
                        split_seed=cfg.split_seed, image_root=cfg.image_root, left_col=cfg.left_col,
                        right_col=cfg.right_col, patient_col=cfg.patient_col, eye_mode=cfg.eye_mode,
-                       task_type=cfg.task_type or None)
+                       task_type=cfg.task_type or None, sheet=cfg.sheet,
+                       allow_outside_paths=cfg.allow_outside_paths)
 
 
 def build_datasets(cfg, say) -> dict:
@@ -168,6 +169,16 @@ def attach_transforms(datasets: dict, cfg, data_cfg: dict) -> None:
             ds.transform = build_transform(False, size, **common)
 
 
+def check_eval_classes(saved_meta: dict, identity: dict, path: str) -> None:
+    """--eval on data whose classes are not the checkpoint's would score outputs under the wrong names."""
+    saved = saved_meta.get("class_names")
+    if saved is not None and list(saved) != list(identity["class_names"]):
+        raise UserError(f"{path}: the checkpoint was trained on classes {list(saved)} but the data at "
+                        f"{identity['data_path']} has {list(identity['class_names'])} (the metrics would pair "
+                        "outputs with the wrong classes); rename the class folders / label columns to the "
+                        "checkpoint's names, in its order")
+
+
 def load_weights(cfg, model, identity: dict, verbose: bool) -> dict | None:
     """Apply --resume / --finetune to ``model``; returns the toolkit checkpoint being resumed, if any."""
     from models.pretrained import load_finetuned, load_pretrained, load_state_dict_strict
@@ -178,6 +189,8 @@ def load_weights(cfg, model, identity: dict, verbose: bool) -> dict | None:
         if state is not None:
             if not cfg.eval:
                 check_resume_compatible(state["meta"], identity, cfg.resume)
+            else:
+                check_eval_classes(state["meta"], identity, cfg.resume)
             load_state_dict_strict(model, state["model"], cfg.resume)
             if verbose:
                 print(f"Resumed from {cfg.resume} (epoch {state['epoch']})", flush=True)
@@ -202,28 +215,66 @@ def load_weights(cfg, model, identity: dict, verbose: bool) -> dict | None:
 def main(cfg) -> dict:
     import paddle
 
-    import engine_finetune as engine
-    from models import create_model, resolve_model_name
+    _sigterm_as_interrupt()  # after importing paddle, which installs its own SIGTERM handler (a C++ stack dump)
+    from models import resolve_model_name
     from util import distributed as D
-    from util.logger import RunLogger
 
     D.init_distributed()
-    rank, world = D.get_rank(), D.get_world_size()
+    rank = D.get_rank()
     main_proc = rank == 0
 
     def say(msg: str) -> None:
         if main_proc:
             print(msg, flush=True)
 
+    from util.config import config_warnings
+
+    for line in config_warnings(cfg):
+        say(line)
     device, amp = setup_device(cfg, say)
     seed = cfg.seed + rank
     random.seed(seed)
     np.random.seed(seed)
     paddle.seed(seed)
 
-    # data first: nb_classes and the task come from it
     model_name = resolve_model_name(cfg.model)
+    data_name = os.path.splitext(os.path.basename(os.path.normpath(cfg.data_path)))[0]
+    run_dir = os.path.join(cfg.output_dir, cfg.task or f"{model_name}_{data_name}") if cfg.output_dir else None
+    lock = None
+    if main_proc and run_dir:
+        from util.run_folder import RunFolderLock, check_new_run, remove_stale_temporaries
+
+        lock = RunFolderLock(run_dir)  # held until this process ends: one run per folder
+        if not cfg.eval and not cfg.resume:
+            check_new_run(run_dir)
+        remove_stale_temporaries(run_dir)
+    try:
+        return run(cfg, model_name, run_dir, device, amp, seed, say)
+    except KeyboardInterrupt as exc:
+        exc.run_dir = run_dir  # for the message: what the interrupted run left
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, say) -> dict:
+    """Build the data, model and loaders, then train (or only evaluate) and test; returns the test metrics."""
+    import paddle
+
+    import engine_finetune as engine
+    from models import create_model
+    from util import distributed as D
+    from util.logger import RunLogger
+
+    rank, world = D.get_rank(), D.get_world_size()
+    main_proc = rank == 0
+    # data first: nb_classes and the task come from it
     datasets = build_datasets(cfg, say)
+    if not cfg.skip_image_check:  # on every rank, so all of them stop together
+        from util.image_check import check_dataset_images
+
+        check_dataset_images(datasets, say)  # every bad file at once, before any epoch is spent
     first = next(iter(datasets.values()))
     class_names = list(first.class_names)
     nb_classes = cfg.nb_classes or len(class_names)
@@ -241,8 +292,6 @@ def main(cfg) -> dict:
         data_cfg["crop_pct"] = cfg.crop_pct
     attach_transforms(datasets, cfg, data_cfg)
 
-    data_name = os.path.splitext(os.path.basename(os.path.normpath(cfg.data_path)))[0]
-    run_dir = os.path.join(cfg.output_dir, cfg.task or f"{model_name}_{data_name}") if cfg.output_dir else None
     identity = run_identity(cfg, model_name, nb_classes, class_names, first.task, data_cfg["input_size"])
     # what predict.py needs to apply the checkpoint to new images
     identity["inference"] = {"mean": list(data_cfg["mean"]), "std": list(data_cfg["std"]),
@@ -250,6 +299,13 @@ def main(cfg) -> dict:
                              "crop_pct": data_cfg.get("crop_pct"), "fundus_crop": cfg.fundus_crop,
                              "fov_threshold": cfg.fov_threshold, "preprocess_size": cfg.preprocess_size}
     resume_state = load_weights(cfg, model, identity, verbose=main_proc)
+    if resume_state is not None and not cfg.eval and main_proc and run_dir:
+        from util.run_folder import trim_to_epoch
+
+        dropped = trim_to_epoch(run_dir, int(resume_state["epoch"]))
+        if dropped:
+            say(f"resume: dropped the records of epochs after the checkpoint's epoch {resume_state['epoch']} ("
+                + ", ".join(f"{n} row(s) of {k}" for k, n in dropped.items()) + ")")
     if cfg.freeze_backbone:
         from util.lr_decay import freeze_backbone
 
@@ -286,6 +342,7 @@ def main(cfg) -> dict:
     test_stats, y_true, outputs = engine.evaluate(model, loaders["test"], task, nb_classes, loss_fn=eval_loss,
                                                   thresholds=thresholds, class_names=class_names, amp=amp,
                                                   header="Test", print_freq=cfg.print_freq)
+    D.stop_watching_peers()  # the test gather was the last collective: the other ranks may now exit
     report_test(logger, test_stats, y_true, outputs, datasets["test"], run_dir, task, nb_classes, say)
     logger.close()
     return test_stats
@@ -394,6 +451,15 @@ def fit(*, cfg, model, bare_model, loaders, task, nb_classes, class_names, amp, 
         raise UserError(f"{cfg.data_path}/train: {len(loaders['train'].dataset)} images are fewer than one batch "
                         f"(batch_size {cfg.batch_size} x {world} process(es), last partial batch dropped); "
                         "lower --batch_size or add images")
+    if cfg.accum_iter > steps_per_epoch:
+        raise UserError(f"--accum_iter {cfg.accum_iter}: more than the {steps_per_epoch} batches of an epoch (the "
+                        "model would never be updated: the optimizer steps once every accum_iter batches and the "
+                        f"count restarts each epoch); pass --accum_iter {steps_per_epoch} or less, or a smaller "
+                        "--batch_size")
+    if steps_per_epoch % cfg.accum_iter:
+        say(f"warning: --accum_iter {cfg.accum_iter} does not divide the {steps_per_epoch} batches of an epoch: the "
+            f"last {steps_per_epoch % cfg.accum_iter} batch(es) of each epoch add gradients that no optimizer "
+            "step uses (as in the reference); pick an --accum_iter that divides it to use every batch")
     global_step = start_epoch * (steps_per_epoch // cfg.accum_iter)
     last_path = os.path.join(run_dir, "checkpoint-last.pdparams") if run_dir else None
     best_path = os.path.join(run_dir, "checkpoint-best.pdparams") if run_dir else None
@@ -471,8 +537,23 @@ def report_test(logger, stats, y_true, outputs, dataset, run_dir, task, nb_class
         say("Test thresholds (tuned on val): " + ", ".join(f"{t:.3f}" for t in stats["thresholds"]))
     if not logger.enabled:
         return
-    logger.csv_row("metrics_test.csv", task.columns, stats)
+    logger.csv_row("metrics_test.csv", task.columns, stats, fresh=True)  # one evaluation: never appended
     write_test_report(run_dir, task, stats, y_true, outputs, dataset, nb_classes)
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (a scheduler stopping the job, ``kill PID``) ends the run as Ctrl-C does: a clean message,
+    the last checkpoint intact, no C++ stack dump."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -484,10 +565,38 @@ def cli(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the last completed epoch's checkpoint-last.pdparams is intact; continue with "
-              "--resume <run folder>/checkpoint-last.pdparams", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        from util.run_folder import describe_interrupted
+
+        print(describe_interrupted(getattr(exc, "run_dir", None)), file=sys.stderr, flush=True)
         return 130
+    except SystemError as exc:  # Paddle's SIGCHLD handler: a DataLoader worker died (killed, out of memory)
+        if "DataLoader" not in str(exc):
+            raise
+        import re
+
+        found = re.search(r"pid (\d+)\).*?signal: (\w+)", str(exc))
+        what = (f"data loader worker (pid {found.group(1)}) was killed by signal {found.group(2)}" if found else
+                str(exc).strip().splitlines()[0].replace("(Fatal) ", "").split(" (at /")[0])
+        print(f"error: {what}; it was stopped from outside the run (the system may have run out of memory: "
+              "check `dmesg`); rerun, with fewer --num_workers or --num_workers 0", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as exc:  # a collective operation failed because another process of the run died
+        from util.distributed import get_rank, get_world_size, peer_problem
+
+        if get_world_size() == 1:
+            raise
+        problem = peer_problem() or "another process of the run failed or cannot be reached"
+        first = (str(exc).strip().splitlines() or [""])[-1][:200]
+        print(f"error: rank {get_rank()}: a collective operation failed ({first}): {problem}; that rank's own log "
+              "(workerlog.N in the launcher's --log_dir) says why", file=sys.stderr, flush=True)
+        return 2
+    except OSError as exc:  # read-only folder, full disk, a file where a folder belongs, ...
+        where = exc.filename or "a file of this run"
+        print(f"error: {where}: {exc.strerror or exc} (while writing or reading this run's files); check that "
+              "the folder exists, is writable and has free space, or pick another --output_dir",
+              file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

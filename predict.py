@@ -35,17 +35,16 @@ from util.errors import UserError  # noqa: E402
 
 
 def find_images(path: str) -> list[str]:
-    from util.datasets import IMG_EXTENSIONS
+    """The image at ``path``, or every image under the folder ``path`` as the class-folder dataset finds
+    them (``util.datasets.scan_images``: sorted, hidden entries left out, linked folders followed, each real
+    folder read once so a link cycle does not repeat images)."""
+    from util.datasets import IMG_EXTENSIONS, scan_images
 
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
         raise UserError(f"--input {path}: no such file or folder; pass a folder of images or an image file")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                  if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
+    found = scan_images(path)
     if not found:
         raise UserError(f"--input {path}: no images found (expected {', '.join(IMG_EXTENSIONS)} files); "
                         "check the folder")
@@ -99,7 +98,7 @@ def predict(a) -> int:
     from util.checkpoint import read_toolkit_checkpoint
     from util.datasets import load_image
     from util.dual_transforms import build_dual_transform
-    from util.fileio import atomic_path
+    from util.fileio import atomic_path, display_path
     from util.fundus import FundusReader, build_preprocess
     from util.transforms import build_transform
 
@@ -130,7 +129,7 @@ def predict(a) -> int:
         def load(item):
             return transform([reader(item[0]), reader(item[1])])
 
-        names = [f"{os.path.basename(left)}|{os.path.basename(right)}" for left, right in items]
+        names = [display_path(f"{os.path.basename(left)}|{os.path.basename(right)}") for left, right in items]
     else:
         items = find_images(a.input)
         transform = build_transform(False, meta["input_size"], **common)
@@ -139,7 +138,7 @@ def predict(a) -> int:
             return transform(reader(item))
 
         base = a.input if os.path.isdir(a.input) else os.path.dirname(a.input)
-        names = [os.path.relpath(f, base).replace(os.sep, "/") for f in items]
+        names = [display_path(os.path.relpath(f, base).replace(os.sep, "/")) for f in items]
 
     outputs = []
     with paddle.no_grad():

@@ -239,6 +239,9 @@ def convert_file(src: str, dst: str, keep_decoder: bool = False) -> dict:
     args.model when the checkpoint has them).
     """
     src, dst = os.fspath(src), os.fspath(dst)
+    if os.path.isdir(dst):
+        raise UserError(f'{dst}: is a directory (expected the output file name); pass a file path such as '
+                        f'{os.path.join(dst, os.path.splitext(os.path.basename(src))[0] + ".pdparams")}')
     if os.path.splitext(dst)[1].lower() != '.pdparams':
         raise UserError(f'{dst}: output must end in .pdparams (paddle.load reads it); choose a name like '
                         f'{os.path.splitext(dst)[0]}.pdparams')
@@ -285,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         report = convert_file(args.src, args.dst, keep_decoder=args.keep_decoder)
     except UserError as exc:
         print(f'error: {exc}', file=sys.stderr)
+        return 2
+    except OSError as exc:  # read-only folder, full disk: the previous output (if any) is left intact
+        print(f'error: {exc.filename or args.dst}: {exc.strerror or exc} (while writing the converted weights); '
+              f'free some space or pick a writable destination', file=sys.stderr)
         return 2
     where = f"entry '{report['source_key']}'" if report['source_key'] else 'a bare state dict'
     meta = ''.join(f', {k} {v}' for k, v in report['metadata'].items())

@@ -66,7 +66,7 @@ class _StorageSource(abc.ABC):
     def read_raw(self, key: str) -> np.ndarray | None:
         return None
 
-    def verify(self, key: str, start: int, nbytes: int) -> None:
+    def verify(self, key: str, start: int, nbytes: int) -> None:  # noqa: B027 (a hook: no check by default)
         """Check the bytes of storage ``key`` against what the file says they are (no check by default)."""
 
     def _crc32(self, start: int, nbytes: int) -> int:

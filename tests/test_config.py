@@ -50,7 +50,8 @@ def test_recipe_defaults():
                      tune_thresholds=None, per_class_report=False, balanced_sampler=False, data_format='',
                      image_col=None, label_cols=None, grade_col=None, split_col=None, val_ratio=0.15,
                      test_ratio=0.15, split_seed=0, image_root=None, left_col=None, right_col=None,
-                     patient_col=None, eye_mode='dual')
+                     patient_col=None, eye_mode='dual', sheet=None, allow_outside_paths=False,
+                     skip_image_check=False)
     got = vars(cfg)
     for key, value in {**expected, **additions}.items():
         assert got[key] == value, key
@@ -161,7 +162,7 @@ def test_device_aliases():
     (['--epochs', '-1'], '--epochs'),
     (['--accum_iter', '0'], '--accum_iter'),
     (['--layer_decay', '1.5'], '--layer_decay'),
-    (['--warmup_epochs', '20', '--epochs', '10'], '--warmup_epochs'),
+    (['--warmup_epochs', '-1'], '--warmup_epochs'),
     (['--mixup', '0.8'], 'not implemented'),
     (['--cutmix', '1.0'], 'not implemented'),
     (['--cutmix_minmax', '0.2', '0.8'], 'not implemented'),

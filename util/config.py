@@ -185,6 +185,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--patient_col', default=None, type=str, help='paired table: patient id column (splits by patient)')
     g.add_argument('--eye_mode', default='dual', choices=['dual', 'per_eye'],
                    help='dual: one sample per patient (left, right); per_eye: one sample per eye image')
+    g.add_argument('--sheet', default=None, type=str,
+                   help='.xlsx tables: the sheet holding the table (default: the first sheet)')
+    g.add_argument('--allow_outside_paths', default=False, action=b,
+                   help="allow a table's image paths to leave the table's folder (or --image_root)")
+    g.add_argument('--skip_image_check', default=False, action=b,
+                   help='do not check every image of every split (header and size) before training')
 
     g = p.add_argument_group('weights and data')
     g.add_argument('--finetune', default='', type=str,
@@ -298,6 +304,29 @@ def _coerce(key: str, value: Any, action: argparse.Action, where: str) -> Any:
     return value
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last
+    one silently, so a preset edited in two places would quietly lose the first value)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class reports unhashable keys
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} is set twice, on line {seen[key]} and on line {line}")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml_preset(path: str, parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
     """Read a YAML preset into {dest: typed value}; unknown keys and bad values raise UserError."""
     parser = parser or get_args_parser()
@@ -305,7 +334,9 @@ def load_yaml_preset(path: str, parser: argparse.ArgumentParser | None = None) -
         raise UserError(f"--config {path}: file not found; pass the path of a YAML preset (see configs/)")
     try:
         with open(path, encoding='utf8') as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_StrictLoader)
+    except _DuplicateKey as exc:
+        raise UserError(f"--config {path}: {exc}; keep one of them") from None
     except yaml.YAMLError as exc:
         raise UserError(f"--config {path}: not valid YAML ({exc}); fix the file") from None
     if data is None:
@@ -399,9 +430,8 @@ def validate_config(cfg: argparse.Namespace) -> None:
         fail('smoothing', 'out of range', 'expected 0 <= smoothing < 1', 'e.g. --smoothing 0.1')
     if not 0.0 <= cfg.reprob <= 1.0:
         fail('reprob', 'out of range', 'expected a probability in [0, 1]', 'e.g. --reprob 0.25')
-    if cfg.warmup_epochs > cfg.epochs:
-        fail('warmup_epochs', f'is longer than --epochs {cfg.epochs}', 'expected warmup_epochs <= epochs',
-             'shorten the warmup or train longer')
+    # --warmup_epochs longer than --epochs is accepted, as in the reference (the LR stays in warmup);
+    # config_warnings() says so
     if cfg.start_epoch >= cfg.epochs and not cfg.eval:
         fail('start_epoch', f'is not before --epochs {cfg.epochs}', 'expected start_epoch < epochs',
              'raise --epochs or lower --start_epoch')
@@ -442,6 +472,16 @@ def validate_config(cfg: argparse.Namespace) -> None:
     if cfg.min_lr > peak:
         fail('min_lr', f'is above the peak LR {peak:.3g}', 'expected min_lr <= peak LR',
              'lower --min_lr or raise --lr/--blr')
+
+
+def config_warnings(cfg: argparse.Namespace) -> list[str]:
+    """Settings that are valid but probably not meant, one line each (printed by the main process)."""
+    out = []
+    if not cfg.eval and cfg.warmup_epochs > cfg.epochs:
+        out.append(f"warning: --warmup_epochs {cfg.warmup_epochs:g} is longer than --epochs {cfg.epochs}: the LR "
+                   f"stays in its linear warmup for the whole run (peak never reached), as in the reference; "
+                   f"pass e.g. --warmup_epochs {max(0.0, cfg.epochs / 10):g} for a full schedule")
+    return out
 
 
 def config_to_dict(cfg: argparse.Namespace) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import paddle
 from PIL import Image, ImageFile
 
 from util.errors import UserError, unknown_name_error
+from util.image_ops import to_rgb
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')
 SPLITS = ('train', 'val', 'test')
@@ -64,6 +65,8 @@ class DataOptions:
     patient_col: str | None = None
     eye_mode: str = 'dual'
     task_type: str | None = None
+    sheet: str | None = None              # .xlsx: the sheet holding the table (default: the first)
+    allow_outside_paths: bool = False     # image paths may leave the table's folder / image_root
 
     def validate(self) -> 'DataOptions':
         for name, value in (('--val_ratio', self.val_ratio), ('--test_ratio', self.test_ratio)):
@@ -151,14 +154,19 @@ def build_dataset(split: str, data_path: str, transform: Callable | None, nb_cla
 
 
 def load_image(path: str) -> Image.Image:
-    """Open ``path`` fully (truncated files fail here, not later) and convert it to RGB."""
+    """Open ``path`` fully (truncated files fail here, not later) and convert it to 8-bit RGB.
+
+    High-bit-depth images (16-bit grey PNG/TIFF as OCT devices export them, 32-bit integer or float TIFF)
+    are scaled to 0..255 rather than clipped; ``util.image_ops.to_rgb`` documents the mapping.
+    """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise UserError(f"{path}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (False, so truncated images "
                         f"are reported); do not set it, fix or remove broken images instead")
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert('RGB')
+            rgb = to_rgb(img)
+            return img.copy() if rgb is img else rgb
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise UserError(f"{path}: cannot read image ({type(err).__name__}: {err}) (a complete "
                         f"JPEG/PNG/BMP/TIFF file); replace or delete the file") from None
@@ -301,6 +309,31 @@ def _visible(name: str) -> bool:
     return not name.startswith('.')
 
 
+def scan_images(folder: str) -> list[str]:
+    """The image files under ``folder`` (any depth, sorted, hidden files and folders left out).
+
+    Symbolic links to folders are followed (datasets are often linked in), but every real folder is read
+    once: a link back to the folder being scanned or one of its ancestors (``loop -> .``), or a second link
+    to a folder already read, is skipped, so a link cycle can neither multiply the images nor recurse
+    until the path is too long.
+    """
+    real_top = os.path.realpath(folder)
+    seen = {real_top}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        for d in sorted(d for d in dirnames if _visible(d)):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in seen or real_top.startswith(real.rstrip(os.sep) + os.sep):
+                continue  # already read, or an ancestor of the scanned folder (a cycle)
+            seen.add(real)
+            kept.append(d)
+        dirnames[:] = kept
+        found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if _visible(f) and f.lower().endswith(IMG_EXTENSIONS)]
+    return found
+
+
 def _class_folders(root: str) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and _visible(e.name))
 
@@ -412,12 +445,7 @@ class ImageFolderDataset(RetinaDataset):
 
     @staticmethod
     def _images_in(folder: str) -> list[str]:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if _visible(d))
-            found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                      if _visible(f) and f.lower().endswith(IMG_EXTENSIONS)]
-        return found
+        return scan_images(folder)
 
     def load_image(self, index: int) -> Image.Image:
         return self.read(self.samples[index])
@@ -429,7 +457,8 @@ class ImageFolderDataset(RetinaDataset):
 @register_dataset_format('npz')
 class NpzDataset(RetinaDataset):
     """A ``.npz`` with ``{split}_images`` (N,H,W,3) or (N,H,W) uint8 and ``{split}_labels`` (N,) or (N,1)
-    integers (MedMNIST). Class names are '0'..'K-1', K = ``nb_classes`` or the largest label + 1;
+    integers (MedMNIST). Class names are '0'..'K-1', K = ``nb_classes`` or the largest label + 1 (a split
+    whose largest label is below another split's is then an error asking for ``--nb_classes``);
     ``options.task_type == 'regression'`` reads the labels as grades (float32 targets)."""
 
     @staticmethod
@@ -452,6 +481,13 @@ class NpzDataset(RetinaDataset):
                                     f"{keys[0]} and {keys[1]}); use a file with the {split} split or another "
                                     f"--data_path")
                 images, labels = z[keys[0]], z[keys[1]]
+                # the largest label of each other split: with no --nb_classes, K comes from the labels
+                others = {}
+                if nb_classes is None:
+                    for other in SPLITS:
+                        lab = z[f'{other}_labels'] if other != split and f'{other}_labels' in present else None
+                        if lab is not None and lab.size and np.issubdtype(lab.dtype, np.integer):
+                            others[other] = int(lab.max())
         except (OSError, ValueError) as err:
             raise UserError(f"{data_path}: cannot read the .npz file ({err}) (a numpy .npz archive); "
                             f"check the file") from None
@@ -475,6 +511,16 @@ class NpzDataset(RetinaDataset):
                             f"(values {sorted(set(labels[bad].tolist()))[:10]}) (class indices 0..{k - 1}"
                             f"{' for --nb_classes %d' % k if nb_classes is not None else ''}); "
                             f"pass --nb_classes {int(labels.max()) + 1} or fix the labels")
+        k_all = max([k - 1, *others.values()]) + 1
+        if k_all > k:
+            # this split lacks the top classes: inferred on its own, it would have fewer classes than the others
+            lacking = sorted(set(range(k_all)) - set(labels.tolist()))
+            fuller = [s for s, top in others.items() if top + 1 == k_all]
+            raise UserError(f"{data_path}[{split}_labels]: the {split} split lacks classes {lacking} (its labels "
+                            f"go up to {k - 1}, but the {'/'.join(fuller)} split{'s' if len(fuller) > 1 else ''} "
+                            f"{'have' if len(fuller) > 1 else 'has'} labels up to {k_all - 1}, so {k_all} classes; "
+                            f"without --nb_classes the class count is each split's largest label + 1, and the "
+                            f"splits would disagree); pass --nb_classes {k_all}")
         self.images = images
         self.targets = labels.astype(np.float32) if self.task == 'regression' else labels
         self.class_names = [str(i) for i in range(k)]

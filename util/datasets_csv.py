@@ -27,7 +27,6 @@ and patient-grouped split) and image paths are resolved by ``util/image_paths.py
 from __future__ import annotations
 
 import abc
-
 import os
 from collections import Counter
 from typing import Callable
@@ -37,10 +36,11 @@ import pandas as pd
 
 from util.datasets import DataOptions, RetinaDataset, has_table_layout, register_dataset_format, resolve_task
 from util.errors import UserError
-from util.image_paths import ImageResolver, clean_path
+from util.image_paths import ImageResolver, clean_path, is_inside
 from util.splits import assign_splits
-from util.tables import (GRADE_NAMES, TableSource, find_split_col, guess_image_col, is_binary, is_table_file,
-                         norm, numbers, numeric_columns, paired_columns, read_table, require_column, table_files)
+from util.tables import (GRADE_NAMES, TableSource, check_sheet, explain_sheets, find_split_col, guess_image_col,
+                         is_binary, is_table_file, norm, numbers, numeric_columns, paired_columns, read_table,
+                         require_column, table_files)
 
 
 # ----------------------------------------------------------------------------- which table format
@@ -62,7 +62,12 @@ def table_kind(data_path: str, options: DataOptions | None = None) -> str | None
         path = data_path
     else:
         return None
-    df = read_table(path)
+    with explain_sheets(lambda: [path], options.sheet):
+        check_sheet(table_files(data_path).values(), options.sheet)
+        return _kind_of(read_table(path, options.sheet), path, options)
+
+
+def _kind_of(df: pd.DataFrame, path: str, options: DataOptions) -> str:
     if options.left_col or options.right_col or paired_columns(df)[0] is not None:
         return 'odir'
     if options.label_cols and options.grade_col:
@@ -84,6 +89,17 @@ def table_kind(data_path: str, options: DataOptions | None = None) -> str | None
         return 'csv_multilabel'
     if len(graded) == 1:
         return 'csv_grading'
+    if len(binary) >= 2 and not graded and options.task_type in ('single_label', 'regression'):
+        # the 0/1 columns would be read as multi-label but for --task_type: that flag is the likely mistake
+        what = 'grade' if options.task_type == 'regression' else 'class'
+        others = [c for c in numeric if c not in binary]
+        also = (f"; its other numeric columns: {', '.join(_value_summary(df, c) for c in others)}" if others else '')
+        raise UserError(f"{path}: --task_type {options.task_type} needs a single numeric {what} column, but this "
+                        f"table has {len(binary)} 0/1 label columns ({', '.join(binary)}) and no column named "
+                        f"like a grade{also} (one integer {what} per image in one column, named like "
+                        f"grade/level/diagnosis/label or given with --grade_col); the table "
+                        f"{'looks' if others else 'is'} multi-label: drop --task_type {options.task_type} to "
+                        f"train on its labels, or pass --grade_col <column> naming the {what} column")
     found = ', '.join(_value_summary(df, c) for c in numeric) if numeric else 'none'
     raise UserError(f"{path}: cannot tell the label columns (numeric columns found: {found}; expected two or more "
                     f"0/1 columns for multi-label data or one grade column); pass --label_cols a,b,c or "
@@ -110,10 +126,11 @@ class TableDataset(RetinaDataset):
         super().__init__(split, data_path, transform)
         options = options or DataOptions()
         self.options = options
-        src = self.source = TableSource(data_path)
-        self.where = src.where
-        self._groups = None
-        self._parse(src, options, nb_classes)
+        with explain_sheets(lambda: table_files(data_path).values(), options.sheet):
+            src = self.source = TableSource(data_path, options.sheet)
+            self.where = src.where
+            self._groups = None
+            self._parse(src, options, nb_classes)
         assignment, self.test_is_val, notes = assign_splits(src, options, self._strat, self._groups, self.unit)
         self.notes += notes[split]
         self._check_groups(assignment)
@@ -125,8 +142,14 @@ class TableDataset(RetinaDataset):
         listed, targets, rows = self._samples(sel)
         if not listed:
             raise UserError(f"{src.where}: the {split} split has no images (at least one listed image); add rows")
-        resolver = ImageResolver(src.where, [p for paths in self._row_paths for p in paths if p],
-                                 options.image_root, src.table_dir, self.image_subfolders)
+        try:
+            resolver = ImageResolver(src.where, [p for paths in self._row_paths for p in paths if p],
+                                     options.image_root, src.table_dir, self.image_subfolders)
+        except UserError:
+            # none found: paths leaving the folder are the better reason to give, when there are some
+            self._check_inside(src, options, None)
+            raise
+        self._check_inside(src, options, resolver)
         self.image_root = resolver.root
         samples, missing, missing_paths = [], [], []
         for paths, r in zip(listed, rows):
@@ -148,6 +171,30 @@ class TableDataset(RetinaDataset):
         self.targets = targets
         if split == 'train':
             self._check_train_labels()
+
+    def _check_inside(self, src: TableSource, options: DataOptions, resolver: ImageResolver | None) -> None:
+        """Every listed path of the table (all splits) stays inside ``--image_root``, by default the table's
+        folder, once symlinks and '..' are resolved; one error listing the rows that leave it."""
+        if options.allow_outside_paths:
+            return
+        base = options.image_root or src.table_dir
+        idx, paths = [], []
+        for i, listed in enumerate(self._row_paths):
+            for p in listed:
+                if not p:
+                    continue
+                target = resolver.target(p) if resolver is not None else os.path.join(base, clean_path(p))
+                if not is_inside(target, base):
+                    idx.append(i)
+                    paths.append(p)
+        if not idx:
+            return
+        folder = (f"--image_root {options.image_root}" if options.image_root else
+                  f"the table's folder {os.path.realpath(base)}")
+        raise UserError(f"{src.where}: {len(idx)} image paths lead outside {folder} ({src.rows_text(idx, paths, 5)}) "
+                        f"(every listed image inside {'--image_root' if options.image_root else 'the table folder'}"
+                        f", with symlinks and '..' resolved); fix those paths, pass --image_root with the folder "
+                        f"holding the images, or pass --allow_outside_paths if the table is trusted")
 
     @abc.abstractmethod
     def _parse(self, src: TableSource, options: DataOptions, nb_classes: int | None) -> None:

@@ -10,6 +10,11 @@ References: MAE ``util/misc.py`` (init_distributed_mode); Paddle ``paddle.distri
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import threading
+import time
+import zlib
 
 import numpy as np
 import paddle
@@ -22,9 +27,91 @@ def is_launched() -> bool:
 
 
 def init_distributed() -> None:
-    """Join the process group when launched with several processes; no-op otherwise."""
+    """Join the process group when launched with several processes; no-op otherwise.
+
+    A launched process also watches the other processes of the run that share its machine: when one of
+    them dies (a crash, SIGKILL, the out-of-memory killer) or is stopped (SIGSTOP) for more than
+    ``STOPPED_GRACE`` seconds, this process prints one line naming that rank and exits, instead of waiting
+    in a collective operation (gloo's own timeout is ``PADDLE_PG_TIMEOUT``, 30 minutes by default) or dying
+    with a gloo exception and a C++ stack dump (Paddle's C++ signal handler is turned off for that reason).
+    """
     if is_launched():
+        paddle.disable_signal_handler()
         dist.init_parallel_env()
+        _watch_peers()
+
+
+STOPPED_GRACE = 10.0
+_PEERS: dict[int, tuple[int, int]] = {}  # rank -> (pid, host id), filled by init_distributed
+
+
+def _host_id() -> int:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return zlib.crc32(f"{socket.gethostname()}/{boot}".encode()) & 0x7FFFFFFF
+
+
+def _process_state(pid: int) -> str | None:
+    """The /proc state letter of ``pid`` (R, S, D, T, Z, ...) or None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def peer_problem() -> str | None:
+    """What is wrong with another process of this run on this machine (dead or stopped), or None."""
+    for rank, (pid, host) in sorted(_PEERS.items()):
+        if host != _host_id() or rank == get_rank():
+            continue
+        state = _process_state(pid)
+        if state is None or state in "ZXx":
+            return f"rank {rank} (pid {pid}) has died"
+        if state in "Tt":
+            return f"rank {rank} (pid {pid}) is stopped"
+    return None
+
+
+_WATCHING = threading.Event()
+
+
+def stop_watching_peers() -> None:
+    """Call after this process's last collective operation: from then on the others may exit normally."""
+    _WATCHING.clear()
+
+
+def _watch_peers(interval: float = 0.05) -> None:
+    parts: list = []
+    dist.all_gather(parts, paddle.to_tensor([os.getpid(), _host_id()], dtype="int64"))
+    _PEERS.update({r: (int(p.numpy()[0]), int(p.numpy()[1])) for r, p in enumerate(parts)})
+    if not os.path.isdir("/proc"):
+        return
+    me = get_rank()
+    _WATCHING.set()
+
+    def watch():
+        stopped_since = None
+        while _WATCHING.is_set():
+            problem = peer_problem()
+            if problem and "stopped" in problem:
+                stopped_since = stopped_since or time.time()
+                if time.time() - stopped_since < STOPPED_GRACE:
+                    problem = None
+            else:
+                stopped_since = None
+            if problem and _WATCHING.is_set():
+                sys.stderr.write(f"error: {problem}, so rank {me} stops too (the run cannot continue without "
+                                 "it); that rank's own log (workerlog.N in the launcher's --log_dir) says why; "
+                                 "resume from the last checkpoint-last.pdparams\n")
+                sys.stderr.flush()
+                os._exit(1)
+            time.sleep(interval)
+
+    threading.Thread(target=watch, name="peer-watch", daemon=True).start()
 
 
 def get_rank() -> int:

@@ -10,6 +10,21 @@ import tempfile
 from typing import Iterator
 
 
+def display_path(path) -> str:
+    """``path`` as text any UTF-8 file or terminal can hold: bytes of a file name that are not valid UTF-8
+    (Python keeps them as surrogate escapes) become backslash escapes such as ``\\xff``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file: mkstemp's 0600 is not meant for outputs
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     """Yield a temporary path to write; on success it replaces ``path`` (``os.replace``), otherwise it is
@@ -20,6 +35,7 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -28,6 +28,7 @@ from PIL import Image, ImageChops
 
 from util.errors import UserError, unknown_name_error
 from util.fileio import atomic_path
+from util.image_ops import to_rgb
 
 # Bump when the output of a preprocessing mode changes, so caches written by older code are not reused.
 PREPROCESS_VERSION = 1
@@ -41,7 +42,7 @@ def _brightness(img: Image.Image) -> np.ndarray:
     """Per-pixel maximum over the colour channels, uint8 [H, W]."""
     if img.mode == 'L':
         return np.asarray(img)
-    r, g, b = (img if img.mode == 'RGB' else img.convert('RGB')).split()
+    r, g, b = to_rgb(img).split()  # 16-bit grey scaled to 8 bits, not clipped (see ``to_rgb``)
     # PIL's per-pixel maximum is ~8x faster than numpy's max over a size-3 axis on a camera-sized image
     return np.asarray(ImageChops.lighter(ImageChops.lighter(r, g), b))
 
@@ -169,7 +170,7 @@ class Preprocess:
         return f'{self.mode}-t{self.threshold}-s{self.size}-v{PREPROCESS_VERSION}'
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        img = img if img.mode == 'RGB' else img.convert('RGB')
+        img = to_rgb(img)
         for step in self.steps:
             img = fov_crop(img, self.threshold) if step == 'fov' else circle_crop(img)
         if self.size > 0:
@@ -243,7 +244,7 @@ class FundusReader:
 
     def process(self, img: Image.Image) -> Image.Image:
         """Apply the preprocessing to an in-memory image (no cache); RGB out."""
-        img = img if img.mode == 'RGB' else img.convert('RGB')
+        img = to_rgb(img)
         return self.preprocess(img) if self.preprocess is not None else img
 
     def cache_path(self, path: str) -> str | None:

@@ -3,6 +3,10 @@
 Listed paths are relative to ``--image_root`` (default: the table's folder, or the one of its subfolders
 holding the listed images, picked by probing the first listed paths); backslashes are read as ``/``, and
 a path without extension is tried with the usual ones (APTOS ``id_code`` columns).
+
+A table is data from elsewhere, so its paths must stay inside the folder they are relative to: ``is_inside``
+compares real paths (``os.path.realpath``: symlinks and ``..`` resolved), and the table formats refuse
+paths leaving ``--image_root`` (default: the table's folder) unless ``--allow_outside_paths``.
 """
 from __future__ import annotations
 
@@ -13,6 +17,15 @@ from util.errors import UserError
 
 def clean_path(listed: str) -> str:
     return listed.strip().replace('\\', '/')
+
+
+def is_inside(path: str, base: str) -> bool:
+    """``path`` is ``base`` or below it once symlinks and ``..`` are resolved (missing parts taken as named)."""
+    real, root = os.path.realpath(path), os.path.realpath(base)
+    try:
+        return os.path.commonpath([real, root]) == root
+    except ValueError:  # different drives (Windows)
+        return False
 
 
 def _has_image_ext(path: str) -> bool:
@@ -85,6 +98,14 @@ class ImageResolver:
             return None
         path = listed if os.path.isabs(listed) else os.path.join(self.root, listed)
         return path + s
+
+    def target(self, listed: str) -> str:
+        """The file a listed path names: the resolved file, or where it would be when absent."""
+        found = self.resolve(listed)
+        if found is not None:
+            return found
+        listed = clean_path(listed)
+        return listed if os.path.isabs(listed) else os.path.join(self.root, listed)
 
 
 # Imported last: util.datasets imports the table formats at its end and they import names from this

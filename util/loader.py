@@ -7,6 +7,10 @@ training). With workers, Paddle's multi-process loader is used and a worker fail
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
 import threading
 
 import numpy as np
@@ -35,6 +39,25 @@ def _worker_message(captured: list, exc: BaseException) -> str:
             "failing sample's error")
 
 
+class _WorkerInit:
+    """Runs in every worker first: the worker dies with its parent (a killed or crashed main process must
+    not leave workers holding hundreds of MB each), then the user's ``worker_init_fn``."""
+
+    def __init__(self, parent_pid: int, then=None):
+        self.parent_pid, self.then = parent_pid, then
+
+    def __call__(self, worker_id: int) -> None:
+        if sys.platform.startswith("linux"):
+            try:  # PR_SET_PDEATHSIG (1): the kernel sends SIGKILL to this worker when its parent exits
+                ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+            except (OSError, AttributeError):
+                pass
+        if os.getppid() != self.parent_pid:  # the parent died before the request above was in place
+            os._exit(1)
+        if self.then is not None:
+            self.then(worker_id)
+
+
 class BatchLoader:
     """Iterable of ``[images, labels]`` batches over ``dataset`` in the order of ``batch_sampler``."""
 
@@ -46,7 +69,8 @@ class BatchLoader:
         self._paddle_loader = None
         if num_workers > 0:
             self._paddle_loader = paddle.io.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                                                       worker_init_fn=worker_init_fn, use_shared_memory=False)
+                                                       worker_init_fn=_WorkerInit(os.getpid(), worker_init_fn),
+                                                       use_shared_memory=False)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)

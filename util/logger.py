@@ -52,13 +52,14 @@ class RunLogger:
         with open(os.path.join(self.run_dir, name), "a", encoding="utf8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def csv_row(self, name: str, columns: list[str], values: dict) -> None:
-        """Append a row to ``name`` in the run folder, writing the header when the file is new."""
+    def csv_row(self, name: str, columns: list[str], values: dict, fresh: bool = False) -> None:
+        """Append a row to ``name`` in the run folder, writing the header when the file is new; ``fresh``
+        starts the file anew (a table of one evaluation)."""
         if not self.enabled:
             return
         path = os.path.join(self.run_dir, name)
-        new = not os.path.isfile(path)
-        with open(path, "a", newline="", encoding="utf8") as f:
+        new = fresh or not os.path.isfile(path)
+        with open(path, "w" if fresh else "a", newline="", encoding="utf8") as f:
             w = csv.writer(f)
             if new:
                 w.writerow(columns)

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from util.fileio import atomic_path
+from util.fileio import atomic_path, display_path
 from util.metrics import confusion_matrix, save_confusion_matrix_png
 
 
@@ -138,7 +138,7 @@ def write_test_report(run_dir: str, task, stats: dict, y_true: np.ndarray, outpu
                 title="Test confusion matrix (thresholds tuned on val)"))
 
     path = os.path.join(run_dir, "predictions_test.csv")
-    with open(path, "w", newline="", encoding="utf8") as f:
+    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf8") as f:
         w = csv.writer(f)
         if fixed.ndim == 2:
             head = ([f"label_{c}" for c in class_names] + [f"prob_{c}" for c in class_names]
@@ -158,6 +158,6 @@ def write_test_report(run_dir: str, task, stats: dict, y_true: np.ndarray, outpu
                         ([int(tuned[i])] if tuned is not None else [])
             else:
                 cells = [int(y_true[i]), int(fixed[i])] + [f"{v:.6f}" for v in outputs[i]]
-            w.writerow([i, dataset.sample_id(i)] + cells)
+            w.writerow([i, display_path(dataset.sample_id(i))] + cells)
     written.append(path)
     return written

@@ -1,11 +1,11 @@
 """Reading the tables of the table formats: cells, column roles, and the rows of a whole dataset.
 
 A table is a ``.csv`` (UTF-8 or Latin-1; ``,``, ``;`` or tab separated), ``.xlsx`` or ``.xls`` file with a
-header row; a dataset is one table or a directory with ``train.csv`` [+ ``val.csv``, ``test.csv``]. Cells are
-read as strings ('' for blank), blank rows are dropped, and every row keeps its spreadsheet row number
-(header = row 1, first data row = row 2) so that errors can name it. ``TableSource`` holds all rows of a
-dataset as one frame and checks them (blank cells, 0/1 labels, duplicate images) with one error listing
-every bad cell.
+header row (a workbook's first sheet, or the sheet named by ``--sheet``); a dataset is one table or a
+directory with ``train.csv`` [+ ``val.csv``, ``test.csv``]. Cells are read as strings ('' for blank), blank
+rows are dropped, and every row keeps its spreadsheet row number (header = row 1, first data row = row 2)
+so that errors can name it. ``TableSource`` holds all rows of a dataset as one frame and checks them (blank
+cells, 0/1 labels, duplicate images) with one error listing every bad cell.
 
 Column roles are found by name, compared in normalised form (``norm``: lower case, letters and digits
 only): the image column (``guess_image_col``), the split column (``find_split_col``), left/right image
@@ -14,10 +14,12 @@ columns of a paired table (``paired_columns``), and the numeric label/grade cand
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import re
+import shlex
 
 import numpy as np
 import pandas as pd
@@ -75,8 +77,94 @@ def _cell_text(value) -> str:
     return str(value).strip()
 
 
+WORKBOOK_EXTENSIONS = ('.xlsx', '.xls')
+
+
+def is_workbook(path: str) -> bool:
+    return path.lower().endswith(WORKBOOK_EXTENSIONS)
+
+
+def _unreadable(path: str, ext: str, err: Exception) -> UserError:
+    if isinstance(err, ImportError):
+        return UserError(f"{path}: cannot read {ext} files ({err}) (openpyxl for .xlsx, xlrd for .xls); install "
+                         f"the package or save the table as .csv")
+    return UserError(f"{path}: cannot read the table ({type(err).__name__}: {err}) (a .csv, .xlsx or .xls "
+                     f"table with a header row); check the file")
+
+
+_READ_ERRORS = (ImportError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError, KeyError)
+
+
 @functools.lru_cache(maxsize=8)
-def _read_table_cached(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
+def _sheet_names_cached(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    try:
+        with pd.ExcelFile(path) as book:
+            return tuple(str(name) for name in book.sheet_names)
+    except _READ_ERRORS as err:
+        raise _unreadable(path, os.path.splitext(path)[1].lower(), err) from None
+
+
+def sheet_names(path: str) -> list[str]:
+    """The sheet names of the workbook at ``path``, in workbook order."""
+    st = os.stat(path)
+    return list(_sheet_names_cached(os.path.abspath(path), st.st_mtime_ns, st.st_size))
+
+
+def check_sheet(paths, sheet: str | None) -> None:
+    """``--sheet`` needs a workbook among ``paths`` (a dataset's tables), and names a sheet of each one."""
+    if sheet is None:
+        return
+    paths = list(paths)
+    books = [p for p in paths if is_workbook(p)]
+    if not books:
+        raise UserError(f"{', '.join(paths)}: --sheet {sheet} given, but a .csv table has no sheets (an .xlsx/.xls "
+                        f"workbook for --sheet); drop --sheet")
+    for path in books:
+        names = sheet_names(path)
+        if sheet not in names:
+            near = close_matches(sheet, names)
+            hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ''
+            raise UserError(f"{path}: no sheet named {sheet!r} (sheets in this workbook: "
+                            f"{', '.join(repr(n) for n in names)}{hint}); pass --sheet with one of those names")
+
+
+def sheet_hint(paths, sheet: str | None) -> str:
+    """For an error about a table read from the first sheet of a workbook with several sheets (no
+    ``--sheet``): a clause naming the sheets and ``--sheet``; '' otherwise."""
+    if sheet is not None:
+        return ''
+    for path in paths:
+        if not (is_workbook(path) and os.path.isfile(path)):
+            continue
+        try:
+            names = sheet_names(path)
+        except UserError:
+            continue
+        if len(names) > 1:
+            return (f"; note that {os.path.basename(path)} has {len(names)} sheets "
+                    f"({', '.join(repr(n) for n in names)}) and only the first, {names[0]!r}, was read: if the "
+                    f"table is on another sheet, pass --sheet NAME (e.g. --sheet {shlex.quote(names[1])})")
+    return ''
+
+
+@contextlib.contextmanager
+def explain_sheets(paths, sheet: str | None):
+    """Re-raise a ``UserError`` about a table's contents with ``sheet_hint`` appended (``paths``: a callable
+    giving the dataset's table files, evaluated only on error)."""
+    try:
+        yield
+    except UserError as err:
+        try:
+            hint = sheet_hint(paths(), sheet)
+        except (UserError, OSError):
+            hint = ''
+        if not hint or '--sheet' in str(err):
+            raise
+        raise UserError(f"{err}{hint}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _read_table_cached(path: str, mtime_ns: int, size: int, sheet: str | None) -> pd.DataFrame:
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == '.csv':
@@ -95,23 +183,25 @@ def _read_table_cached(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
                                          skip_blank_lines=False, sep=sep, encoding=encoding)
                         break
         else:
-            df = pd.read_excel(path, dtype=object, sheet_name=0)
-    except ImportError as err:
-        raise UserError(f"{path}: cannot read {ext} files ({err}) (openpyxl for .xlsx, xlrd for .xls); install "
-                        f"the package or save the table as .csv") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError, KeyError) as err:
-        raise UserError(f"{path}: cannot read the table ({type(err).__name__}: {err}) (a .csv, .xlsx or .xls "
-                        f"table with a header row); check the file") from None
+            df = pd.read_excel(path, dtype=object, sheet_name=0 if sheet is None else sheet)
+    except _READ_ERRORS as err:
+        raise _unreadable(path, ext, err) from None
     df.columns = [str(c).strip() for c in df.columns]
     df = df.apply(lambda col: col.map(_cell_text))
     # keep the original index: it gives the spreadsheet row of every remaining row
     return df[(df != '').any(axis=1)]
 
 
-def read_table(path: str) -> pd.DataFrame:
-    """The table at ``path`` as strings ('' for blank cells), blank rows dropped, index = data row (0-based)."""
+def read_table(path: str, sheet: str | None = None) -> pd.DataFrame:
+    """The table at ``path`` as strings ('' for blank cells), blank rows dropped, index = data row (0-based).
+
+    ``sheet``: the sheet of a workbook (``--sheet``; default the first; ignored for a .csv)."""
+    if not is_workbook(path):
+        sheet = None
+    elif sheet is not None:
+        check_sheet([path], sheet)
     st = os.stat(path)
-    return _read_table_cached(os.path.abspath(path), st.st_mtime_ns, st.st_size).copy()
+    return _read_table_cached(os.path.abspath(path), st.st_mtime_ns, st.st_size, sheet).copy()
 
 
 def numbers(series: pd.Series) -> np.ndarray:
@@ -212,19 +302,20 @@ def paired_columns(df: pd.DataFrame) -> tuple[str | None, str | None]:
 class TableSource:
     """All rows of a table dataset as one frame of strings, with each row's file and spreadsheet row."""
 
-    def __init__(self, data_path: str):
+    def __init__(self, data_path: str, sheet: str | None = None):
         self.data_path = data_path
         self.files = table_files(data_path)
         self.is_dir = os.path.isdir(data_path)
         if self.is_dir and 'train' not in self.files:
             raise UserError(f"{data_path}: no train table (train.csv, train.xlsx or train.xls in the directory); "
                             f"add it or point --data_path at the table")
+        check_sheet(self.files.values(), sheet)
         self.where = data_path
         self.table_dir = data_path if self.is_dir else (os.path.dirname(data_path) or '.')
         frames, files, rows, preset = [], [], [], []
         columns = None
         for split, path in self.files.items():
-            df = read_table(path)
+            df = read_table(path, sheet)
             if columns is None:
                 columns, first = list(df.columns), path
             elif set(df.columns) != set(columns):
