@@ -582,11 +582,12 @@ def cli(argv: list[str] | None = None) -> int:
               "check `dmesg`); rerun, with fewer --num_workers or --num_workers 0", file=sys.stderr, flush=True)
         return 2
     except RuntimeError as exc:  # a collective operation failed because another process of the run died
-        from util.distributed import get_rank, get_world_size, peer_problem
+        from util.distributed import get_rank, get_world_size, stop_watching_peers, wait_for_peer_problem
 
         if get_world_size() == 1:
             raise
-        problem = peer_problem() or "another process of the run failed or cannot be reached"
+        stop_watching_peers()  # this handler says it, once
+        problem = wait_for_peer_problem() or "another process of the run failed or cannot be reached"
         first = (str(exc).strip().splitlines() or [""])[-1][:200]
         print(f"error: rank {get_rank()}: a collective operation failed ({first}): {problem}; that rank's own log "
               "(workerlog.N in the launcher's --log_dir) says why", file=sys.stderr, flush=True)

@@ -39,6 +39,7 @@ def init_distributed() -> None:
         paddle.disable_signal_handler()
         dist.init_parallel_env()
         _watch_peers()
+        _on_terminate_say_which_peer()
 
 
 STOPPED_GRACE = 10.0
@@ -82,6 +83,48 @@ _WATCHING = threading.Event()
 def stop_watching_peers() -> None:
     """Call after this process's last collective operation: from then on the others may exit normally."""
     _WATCHING.clear()
+
+
+_TERMINATE_HANDLER = None  # kept alive: the C++ runtime holds a raw pointer to it
+
+
+def _on_terminate_say_which_peer() -> None:
+    """When a peer dies in the middle of a collective, gloo throws inside Paddle's C++ backward pass, where no
+    Python code can catch it, and the C++ runtime terminates the process with two lines about
+    ``gloo::IoException``. Install a C++ terminate handler that says instead which rank is gone (best effort:
+    only where libstdc++ is the C++ runtime)."""
+    global _TERMINATE_HANDLER
+    import ctypes
+
+    try:
+        libstdcxx = ctypes.CDLL("libstdc++.so.6")
+        set_terminate = libstdcxx._ZSt13set_terminatePFvvE
+    except (OSError, AttributeError):
+        return
+    me = get_rank()
+
+    def on_terminate():
+        problem = wait_for_peer_problem() or "another process of the run failed or cannot be reached"
+        os.write(2, (f"error: rank {me}: a collective operation failed (gloo): {problem}; that rank's own log "
+                     "(workerlog.N in the launcher's --log_dir) says why; resume from the last "
+                     "checkpoint-last.pdparams\n").encode())
+        os._exit(1)
+
+    _TERMINATE_HANDLER = ctypes.CFUNCTYPE(None)(on_terminate)
+    set_terminate.restype = ctypes.c_void_p
+    set_terminate.argtypes = [ctypes.c_void_p]
+    set_terminate(ctypes.cast(_TERMINATE_HANDLER, ctypes.c_void_p))
+
+
+def wait_for_peer_problem(seconds: float = 3.0) -> str | None:
+    """``peer_problem()``, waiting up to ``seconds`` for it: a killed peer's sockets close (and a collective
+    fails here) a moment before the process itself is gone."""
+    deadline = time.time() + seconds
+    while True:
+        problem = peer_problem()
+        if problem is not None or time.time() >= deadline:
+            return problem
+        time.sleep(0.05)
 
 
 def _watch_peers(interval: float = 0.05) -> None:
