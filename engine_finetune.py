@@ -20,13 +20,17 @@ import paddle.nn.functional as F
 
 from util.distributed import all_reduce_mean, gather_rows, get_rank, get_world_size
 from util.errors import UserError
-from util.logger import Progress
 from util.losses import build_loss, soft_cross_entropy  # noqa: F401  (re-exported: tests, benchmarks)
 from util.metrics import METRIC_COLUMNS, compute_metrics, per_class_report, selection_value
-from util.metrics_multilabel import (MULTILABEL_COLUMNS, binarize, compute_multilabel_metrics,
-                                     tune_thresholds_f1)
-from util.metrics_regression import (REGRESSION_COLUMNS, compute_regression_metrics, cut_grades,
-                                     default_grade_thresholds, optimise_thresholds_qwk)
+from util.metrics.multi_label import MULTILABEL_COLUMNS, binarize, compute_multilabel_metrics, tune_thresholds_f1
+from util.metrics.regression import (
+    REGRESSION_COLUMNS,
+    compute_regression_metrics,
+    cut_grades,
+    default_grade_thresholds,
+    optimise_thresholds_qwk,
+)
+from util.progress import Progress
 
 
 class NonFiniteLossError(UserError):

@@ -49,9 +49,9 @@ def build_loaders(datasets: dict, batch_size: int, num_workers: int, seed: int, 
                   balanced: bool = False):
     import paddle
 
+    from util.datasets.loader import BatchLoader
+    from util.datasets.samplers import WeightedBatchSampler, balanced_sample_weights
     from util.distributed import ShardSampler
-    from util.loader import BatchLoader
-    from util.samplers import WeightedBatchSampler, balanced_sample_weights
 
     loaders, seeders = {}, {}
     for split, ds in datasets.items():
@@ -146,9 +146,9 @@ def build_datasets(cfg, say) -> dict:
 def attach_transforms(datasets: dict, cfg, data_cfg: dict) -> None:
     """Fundus preprocessing (and its cache) as the image reader; train augmentation on the train split, the
     eval transform elsewhere, with the model's mean/std; dual-eye data gets the consistent pair transform."""
-    from util.dual_transforms import build_dual_transform
-    from util.fundus import FundusReader, build_preprocess
     from util.transforms import build_transform
+    from util.transforms.dual import build_dual_transform
+    from util.transforms.fundus import FundusReader, build_preprocess
 
     preprocess = build_preprocess(cfg.fundus_crop, threshold=cfg.fov_threshold, size=cfg.preprocess_size)
     reader = FundusReader(preprocess, cache_dir=cfg.cache_dir or None) if (preprocess or cfg.cache_dir) else None
@@ -182,7 +182,7 @@ def check_eval_classes(saved_meta: dict, identity: dict, path: str) -> None:
 def load_weights(cfg, model, identity: dict, verbose: bool) -> dict | None:
     """Apply --resume / --finetune to ``model``; returns the toolkit checkpoint being resumed, if any."""
     from models.pretrained import load_finetuned, load_pretrained, load_state_dict_strict
-    from util.checkpoint import check_resume_compatible, read_toolkit_checkpoint
+    from util.outputs.checkpoint import check_resume_compatible, read_toolkit_checkpoint
 
     if cfg.resume:
         state = read_toolkit_checkpoint(cfg.resume)
@@ -242,7 +242,7 @@ def main(cfg) -> dict:
     run_dir = os.path.join(cfg.output_dir, cfg.task or f"{model_name}_{data_name}") if cfg.output_dir else None
     lock = None
     if main_proc and run_dir:
-        from util.run_folder import RunFolderLock, check_new_run, remove_stale_temporaries
+        from util.outputs.run_folder import RunFolderLock, check_new_run, remove_stale_temporaries
 
         lock = RunFolderLock(run_dir)  # held until this process ends: one run per folder
         if not cfg.eval and not cfg.resume:
@@ -265,7 +265,7 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
     import engine_finetune as engine
     from models import create_model
     from util import distributed as D
-    from util.logger import RunLogger
+    from util.outputs.run_log import RunLogger
 
     rank, world = D.get_rank(), D.get_world_size()
     main_proc = rank == 0
@@ -300,7 +300,7 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
                              "fov_threshold": cfg.fov_threshold, "preprocess_size": cfg.preprocess_size}
     resume_state = load_weights(cfg, model, identity, verbose=main_proc)
     if resume_state is not None and not cfg.eval and main_proc and run_dir:
-        from util.run_folder import trim_to_epoch
+        from util.outputs.run_folder import trim_to_epoch
 
         dropped = trim_to_epoch(run_dir, int(resume_state["epoch"]))
         if dropped:
@@ -394,10 +394,10 @@ def fit(*, cfg, model, bare_model, loaders, task, nb_classes, class_names, amp, 
     import engine_finetune as engine
     from models.pretrained import load_state_dict_strict
     from util import distributed as D
-    from util.checkpoint import load_checkpoint, load_optimizer_state_by_name, save_checkpoint, set_rng_state
     from util.lr_decay import build_optimizer
     from util.lr_sched import build_schedule, effective_lr
-    from util.reports import append_per_class_csv, format_per_class, save_thresholds_json
+    from util.outputs.checkpoint import load_checkpoint, load_optimizer_state_by_name, save_checkpoint, set_rng_state
+    from util.outputs.reports import append_per_class_csv, format_per_class, save_thresholds_json
 
     world = D.get_world_size()
     lr = effective_lr(cfg.blr, cfg.lr, cfg.batch_size, cfg.accum_iter, world)
@@ -512,7 +512,7 @@ def fit(*, cfg, model, bare_model, loaders, task, nb_classes, class_names, amp, 
         D.barrier()
     say(f"Training time {time.time() - t0:.0f}s; best val {val_metric} at epoch {best_epoch}")
     if logger.enabled:
-        from util.plots import save_training_curves_png
+        from util.outputs.plots import save_training_curves_png
 
         save_training_curves_png(os.path.join(run_dir, "log.txt"), os.path.join(run_dir, "training_curves.png"),
                                  best_epoch=best_epoch, metrics=tuple(headline))
@@ -530,7 +530,7 @@ def fit(*, cfg, model, bare_model, loaders, task, nb_classes, class_names, amp, 
 
 def report_test(logger, stats, y_true, outputs, dataset, run_dir, task, nb_classes, say) -> None:
     """Print the test metrics; write metrics_test.csv, per-class table, confusion matrices, predictions."""
-    from util.reports import write_test_report
+    from util.outputs.reports import write_test_report
 
     say("Test: " + ", ".join(f"{k} {stats[k]:.4f}" for k in task.columns if k in stats))
     if stats.get("thresholds") is not None:
@@ -566,7 +566,7 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt as exc:
-        from util.run_folder import describe_interrupted
+        from util.outputs.run_folder import describe_interrupted
 
         print(describe_interrupted(getattr(exc, "run_dir", None)), file=sys.stderr, flush=True)
         return 130

@@ -36,9 +36,9 @@ from util.errors import UserError  # noqa: E402
 
 def find_images(path: str) -> list[str]:
     """The image at ``path``, or every image under the folder ``path`` as the class-folder dataset finds
-    them (``util.datasets.scan_images``: sorted, hidden entries left out, linked folders followed, each real
+    them (``util.image_io.scan_images``: sorted, hidden entries left out, linked folders followed, each real
     folder read once so a link cycle does not repeat images)."""
-    from util.datasets import IMG_EXTENSIONS, scan_images
+    from util.image_io import IMG_EXTENSIONS, scan_images
 
     if os.path.isfile(path):
         return [path]
@@ -95,12 +95,12 @@ def predict(a) -> int:
     import engine_finetune as engine
     from models import create_model
     from models.pretrained import load_state_dict_strict
-    from util.checkpoint import read_toolkit_checkpoint
-    from util.datasets import load_image
-    from util.dual_transforms import build_dual_transform
     from util.fileio import atomic_path, display_path
-    from util.fundus import FundusReader, build_preprocess
+    from util.image_io import load_image
+    from util.outputs.checkpoint import read_toolkit_checkpoint
     from util.transforms import build_transform
+    from util.transforms.dual import build_dual_transform
+    from util.transforms.fundus import FundusReader, build_preprocess
 
     state = read_toolkit_checkpoint(a.resume)
     if state is None or "inference" not in state["meta"]:

@@ -22,8 +22,13 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from models.checkpoint_io import (PADDLE_EXTENSIONS, SAFETENSORS_EXTENSIONS, SUPPORTED_EXTENSIONS,
-                                  TORCH_EXTENSIONS, read_checkpoint)
+from models.checkpoint_io import (
+    PADDLE_EXTENSIONS,
+    SAFETENSORS_EXTENSIONS,
+    SUPPORTED_EXTENSIONS,
+    TORCH_EXTENSIONS,
+    read_checkpoint,
+)
 from util.errors import UserError
 from util.fileio import atomic_path
 

@@ -13,7 +13,7 @@ Both eyes go through one shared backbone as a batch of ``2B`` images; what follo
   ``[B, 4096]`` -> Dropout -> ``head``.
 
 The two eyes have their own branch weights (and the ResNet head sees them in fixed slots), so left and right
-are not interchangeable: a horizontal flip must swap the eyes as well (``util/dual_transforms.py`` does).
+are not interchangeable: a horizontal flip must swap the eyes as well (``util/transforms/dual.py`` does).
 
 Contract: ``num_views = 2``; backbone parameters (prefix ``backbone.``) take the backbone's own layer ids,
 everything after it (branches, cross-attention, fusion, head) takes ``num_layers`` = 1 + the backbone's

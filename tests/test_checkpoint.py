@@ -6,8 +6,8 @@ import os
 import paddle
 import pytest
 
-from util import checkpoint as ck
 from util.errors import UserError
+from util.outputs import checkpoint as ck
 
 
 def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -16,11 +16,20 @@ import zipfile
 import numpy as np
 import pytest
 
-from models import checkpoint_io
-from models.checkpoint_io import read_checkpoint
-from models.convert import (STATE_DICT_KEYS, drop_keys, extract_state_dict, find_state_dict, is_mae_decoder_key,
-                            main, save_pdparams, shape_report, source_format_for, to_paddle_state_dict,
-                            torch_to_paddle)
+from models.checkpoint_io import read_checkpoint, storage_views
+from models.convert import (
+    STATE_DICT_KEYS,
+    drop_keys,
+    extract_state_dict,
+    find_state_dict,
+    is_mae_decoder_key,
+    main,
+    save_pdparams,
+    shape_report,
+    source_format_for,
+    to_paddle_state_dict,
+    torch_to_paddle,
+)
 from util.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,13 +154,13 @@ def test_mae_metadata_readable():
 
 def test_keys_filter_never_reads_optimizer_storages(monkeypatch):
     requested = []
-    real = checkpoint_io._StorageSource.storage
+    real = storage_views._StorageSource.storage
 
     def spy(self, ref):
         requested.append(ref.key)
         return real(self, ref)
 
-    monkeypatch.setattr(checkpoint_io._StorageSource, 'storage', spy)
+    monkeypatch.setattr(storage_views._StorageSource, 'storage', spy)
     obj = read_checkpoint(fixture('mae_checkpoint.pth'), keys=('model', 'epoch'))
     assert sorted(obj) == ['epoch', 'model']
     n_model = len(META['mae_checkpoint.pth']['model_keys'])
@@ -501,7 +510,7 @@ def test_cli_module_entry_point_exit_code(tmp_path):
 def test_save_pdparams_is_atomic(tmp_path):
     dst = tmp_path / 'w.pdparams'
     dst.write_bytes(b'old')
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (whatever the pickler raises half way)
         save_pdparams({'a': np.zeros(3), 'b': lambda: None}, str(dst))  # unpicklable half way
     assert dst.read_bytes() == b'old' and os.listdir(tmp_path) == ['w.pdparams']
     save_pdparams({'a': np.arange(6.).reshape(2, 3).T}, str(dst))

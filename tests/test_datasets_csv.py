@@ -9,9 +9,9 @@ import pytest
 
 from fixtures_data import SEED_MULTILABEL_COLUMNS, make_grading_csv, make_multilabel_csv
 from util.datasets import DataOptions, build_dataset
-from util.datasets_csv import GradingCsvDataset, MultiLabelCsvDataset, table_kind
+from util.datasets.csv_formats import GradingCsvDataset, MultiLabelCsvDataset, table_kind
+from util.datasets.splits import stratified_assign
 from util.errors import UserError
-from util.splits import stratified_assign
 from util.transforms import build_transform
 
 
@@ -46,7 +46,7 @@ def test_seed_header_works_without_options(tmp_path):
     all_ids = ids(ds['train']) + ids(ds['val']) + ids(ds['test'])
     assert len(set(all_ids)) == 40 and all(i.startswith('images/img_') for i in all_ids)
     table = pd.read_csv(path).set_index('Image_File')
-    for s, d in ds.items():
+    for d in ds.values():
         np.testing.assert_array_equal(d.targets, table.loc[ids(d), list(SEED_MULTILABEL_COLUMNS)].to_numpy())
     x, y = train[0]
     assert x.shape == (3, 32, 32) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1

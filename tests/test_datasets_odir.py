@@ -10,10 +10,10 @@ import pytest
 
 from fixtures_data import ODIR_CLASSES, make_odir_table, make_paired_csv, odir_patients
 from util.datasets import DataOptions, build_dataset
-from util.datasets_odir import PairedEyeDataset, keyword_class, keyword_classes
-from util.dual_transforms import build_dual_transform
+from util.datasets.loader import BatchLoader
+from util.datasets.odir import PairedEyeDataset, keyword_class, keyword_classes
 from util.errors import UserError
-from util.loader import BatchLoader
+from util.transforms.dual import build_dual_transform
 
 
 def ids(ds):

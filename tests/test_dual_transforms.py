@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from util.dual_transforms import build_dual_transform
 from util.errors import UserError
 from util.transforms import build_transform
+from util.transforms.dual import build_dual_transform
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from util import fundus
 from util.errors import UserError
-from util.fundus import FundusReader, build_preprocess, circle_crop, fov_crop, resize_shorter
+from util.transforms import fundus
+from util.transforms.fundus import FundusReader, build_preprocess, circle_crop, fov_crop, resize_shorter
 
 
 def synthetic_fundus(h=56, w=72, cx=38.0, cy=27.0, r=20.0, seed=0, noise=True):

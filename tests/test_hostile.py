@@ -167,7 +167,7 @@ def _tiny(data, out, task, *extra, epochs=3, workers=0):
 def test_second_run_on_a_locked_folder_fails_naming_the_other_pid(class_folders, tmp_path, capsys):
     run = tmp_path / "out" / "t"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "from util.run_folder import RunFolderLock; l = RunFolderLock(sys.argv[2]); "
+                               "from util.outputs.run_folder import RunFolderLock; l = RunFolderLock(sys.argv[2]); "
                                "print('locked', flush=True); time.sleep(120)", ROOT, str(run)],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -200,9 +200,9 @@ def _rows(path):
 def test_resume_after_repeated_kills_keeps_one_row_per_epoch(class_folders, tmp_path, monkeypatch, capsys):
     """A kill after an epoch's rows are written but before its checkpoint-last is on disk, three times over,
     with a half-written temporary file left each time: the resumed run has one row per epoch everywhere."""
-    import util.checkpoint
+    import util.outputs.checkpoint
 
-    real_save = util.checkpoint.save_checkpoint
+    real_save = util.outputs.checkpoint.save_checkpoint
     state = {"kill_at": None}
 
     def save(path, **kw):
@@ -211,7 +211,7 @@ def test_resume_after_repeated_kills_keeps_one_row_per_epoch(class_folders, tmp_
             raise KeyboardInterrupt
         return real_save(path, **kw)
 
-    monkeypatch.setattr(util.checkpoint, "save_checkpoint", save)
+    monkeypatch.setattr(util.outputs.checkpoint, "save_checkpoint", save)
     run = tmp_path / "t"
     last = run / "checkpoint-last.pdparams"
     state["kill_at"] = 1
@@ -334,7 +334,7 @@ def test_output_dir_that_is_a_file_is_a_clear_error(class_folders, tmp_path, cap
 @pytest.mark.parametrize("errno_", [errno.ENOSPC, errno.EROFS])
 def test_full_or_read_only_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(
         class_folders, tmp_path, monkeypatch, capsys, errno_):
-    import util.checkpoint
+    import util.outputs.checkpoint
 
     assert main_finetune.cli(_tiny(class_folders, tmp_path, "t", epochs=1)) == 0
     last = tmp_path / "t" / "checkpoint-last.pdparams"
@@ -345,7 +345,7 @@ def test_full_or_read_only_disk_during_a_save_is_a_clear_error_and_keeps_the_pre
         real(obj, path, *a, **k)
         raise OSError(errno_, os.strerror(errno_), path)
 
-    monkeypatch.setattr(util.checkpoint.paddle, "save", failing_save)
+    monkeypatch.setattr(util.outputs.checkpoint.paddle, "save", failing_save)
     capsys.readouterr()
     assert main_finetune.cli(_tiny(class_folders, tmp_path, "t", "--resume", str(last), epochs=2)) == 2
     err = capsys.readouterr().err

@@ -7,20 +7,21 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import make_class_folders
-from fixtures_data import make_eye_folders, make_paired_csv
 from PIL import Image
 
-from util.datasets import DataOptions, build_dataset, load_image, scan_images
+from conftest import make_class_folders
+from fixtures_data import make_eye_folders, make_paired_csv
+from util.datasets import DataOptions, build_dataset
 from util.errors import UserError
-from util.fundus import FundusReader, Preprocess
 from util.image_check import (
     check_dataset_images,
     check_image,
     check_images,
     image_files,
 )
-from util.image_ops import ToRGB, to_rgb
+from util.image_io import load_image, scan_images, to_rgb
+from util.transforms.fundus import FundusReader, Preprocess
+from util.transforms.ops import ToRGB
 
 DARK, BRIGHT = 12850, 51400  # 16-bit levels of exactly 50 and 200 in 8 bits (v / 257)
 

@@ -10,8 +10,16 @@ import paddle
 import pytest
 
 from util.errors import UserError
-from util.losses import (AUTO_LOSS, LOSSES, LossWarning, build_loss, class_weights_from_labels, loss_names,
-                         pos_weight_from_labels, soft_cross_entropy)
+from util.losses import (
+    AUTO_LOSS,
+    LOSSES,
+    LossWarning,
+    build_loss,
+    class_weights_from_labels,
+    loss_names,
+    pos_weight_from_labels,
+    soft_cross_entropy,
+)
 
 REF = np.load(os.path.join(os.path.dirname(__file__), 'fixtures', 'loss_reference.npz'))
 RTOL, ATOL = 1e-5, 1e-6

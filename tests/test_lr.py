@@ -15,10 +15,10 @@ import numpy as np
 import paddle
 import pytest
 
-from util.checkpoint import load_optimizer_state_by_name, optimizer_state_by_name
 from util.errors import UserError
 from util.lr_decay import OPTIMIZERS, build_optimizer, freeze_backbone, group_learning_rates, param_groups_lrd
 from util.lr_sched import adjust_learning_rate, effective_lr, lr_at
+from util.outputs.checkpoint import load_optimizer_state_by_name, optimizer_state_by_name
 
 # Updates of torch's AdamW / Adam / SGD recorded by tools/make_sched_fixture.py
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'sched_reference.json')
@@ -308,7 +308,7 @@ def test_optimizer_matches_torch(float64, opt, rtol):
     assert isinstance(optimizer, {'adamw': paddle.optimizer.AdamW, 'adam': paddle.optimizer.Adam,
                                   'sgd': paddle.optimizer.Momentum}[opt])
     reported = dict(group_learning_rates(optimizer))
-    for name, p in params.items():
+    for p in params.values():
         group = f"layer_{p['layer']}_{'decay' if p['decay'] else 'no_decay'}"
         assert reported[group] == pytest.approx(cfg['base_lrs'][0] * p['scale'], rel=1e-7)
     for t, base_lr in enumerate(cfg['base_lrs']):
@@ -368,7 +368,7 @@ def test_optimizer_state_resumes_by_name(opt, tmp_path):
     load_optimizer_state_by_name(opt_b, model_b, paddle.load(str(tmp_path / 'opt.pdopt')))
     for m, o in ((model_a, opt_a), (model_b, opt_b), (fresh, opt_fresh)):
         step(m, o, grads[2])
-    for (name, pa), pb, pf in zip(model_a.named_parameters(), model_b.parameters(), fresh.parameters()):
+    for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
         np.testing.assert_array_equal(pb.numpy(), pa.numpy(), err_msg=name)
     # without the state the third step differs: the check above could fail
     assert any(not np.allclose(pf.numpy(), pa.numpy(), rtol=1e-6, atol=0)

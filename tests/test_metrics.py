@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from util.metrics import (METRIC_COLUMNS, MetricWarning, compute_metrics, confusion_matrix,
-                          per_class_report, save_confusion_matrix_png, selection_value)
+from util.metrics import (
+    METRIC_COLUMNS,
+    MetricWarning,
+    compute_metrics,
+    confusion_matrix,
+    per_class_report,
+    selection_value,
+)
+from util.outputs.plots import save_confusion_matrix_png
 
 
 def _reference_metrics(y_true, probs):

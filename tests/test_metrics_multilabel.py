@@ -1,4 +1,4 @@
-"""util.metrics_multilabel against scikit-learn called directly, the ODIR score against its definition
+"""util.metrics.multi_label against scikit-learn called directly, the ODIR score against its definition
 (random data and a hand-worked example), F1 threshold tuning against brute force, and degenerate inputs
 (NaN + exactly one MetricWarning, never an exception)."""
 import math
@@ -9,8 +9,13 @@ from sklearn import metrics as skm
 
 from conftest import call_quietly, call_with_one_warning
 from util.metrics import MetricWarning
-from util.metrics_multilabel import (MULTILABEL_COLUMNS, binarize, compute_multilabel_metrics, odir_score,
-                                     tune_thresholds_f1)
+from util.metrics.multi_label import (
+    MULTILABEL_COLUMNS,
+    binarize,
+    compute_multilabel_metrics,
+    odir_score,
+    tune_thresholds_f1,
+)
 
 
 def _case(seed, n, num_labels, signal=1.5, rate=0.3):

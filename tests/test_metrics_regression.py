@@ -1,4 +1,4 @@
-"""util.metrics_regression against scikit-learn called directly, cut semantics, the QWK threshold search
+"""util.metrics.regression against scikit-learn called directly, cut semantics, the QWK threshold search
 (never worse than its start, recovers shifted cuts, no single-cut move on a fine grid improves it) and
 degenerate inputs (NaN + exactly one MetricWarning, never an exception)."""
 import math
@@ -9,9 +9,15 @@ from sklearn import metrics as skm
 
 from conftest import call_quietly, call_with_one_warning
 from util.metrics import MetricWarning
-from util.metrics_regression import (CUT_RESOLUTION, DEFAULT_GRADE_THRESHOLDS, REGRESSION_COLUMNS,
-                                     compute_regression_metrics,
-                                     cut_grades, default_grade_thresholds, optimise_thresholds_qwk)
+from util.metrics.regression import (
+    CUT_RESOLUTION,
+    DEFAULT_GRADE_THRESHOLDS,
+    REGRESSION_COLUMNS,
+    compute_regression_metrics,
+    cut_grades,
+    default_grade_thresholds,
+    optimise_thresholds_qwk,
+)
 
 
 def _case(seed, n, g, noise=0.6, shift=0.0):

@@ -128,7 +128,7 @@ def test_layer_ids_do_not_decrease_along_the_forward_pass(name):
             ids = {layer_of[id(p)] for p in own}
             assert len(ids) == 1, f"{name}: one layer's parameters span layer ids {ids}"
             # pre-hooks: a container owning parameters (the ViT's cls token) counts where it is entered
-            hooks.append(layer.register_forward_pre_hook(lambda _l, _i, lid=ids.pop(): order.append(lid)))
+            hooks.append(layer.register_forward_pre_hook(lambda _l, _i, lid=ids.pop(): order.append(lid)))  # noqa: B008
     m.eval()
     with paddle.no_grad():
         m(batch(m, m.default_cfg["input_size"], n=1))

@@ -7,8 +7,8 @@ import numpy as np
 import paddle
 import pytest
 
+from util.datasets.samplers import WeightedBatchSampler, balanced_sample_weights
 from util.errors import UserError
-from util.samplers import WeightedBatchSampler, balanced_sample_weights
 
 
 def fake(task, targets):

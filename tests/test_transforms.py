@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from util import randaugment as ra
 from util.errors import UserError
-from util.image_ops import ColorJitter, RandomCrop, RandomResizedCrop, RandomRotation, adjust_hue
-from util.random_erasing import RandomErasing
 from util.transforms import build_transform
+from util.transforms import randaugment as ra
+from util.transforms.ops import ColorJitter, RandomCrop, RandomResizedCrop, RandomRotation, adjust_hue
+from util.transforms.random_erasing import RandomErasing
 
 FIX = os.path.join(os.path.dirname(__file__), 'fixtures', 'transforms')
 MEAN = (0.485, 0.456, 0.406)

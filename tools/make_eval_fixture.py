@@ -56,8 +56,17 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
-from sklearn.metrics import (accuracy_score, average_precision_score, cohen_kappa_score, f1_score,  # noqa: E402
-                             hamming_loss, jaccard_score, precision_score, recall_score, roc_auc_score)
+from sklearn.metrics import (  # noqa: E402
+    accuracy_score,
+    average_precision_score,
+    cohen_kappa_score,
+    f1_score,
+    hamming_loss,
+    jaccard_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402

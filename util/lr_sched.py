@@ -95,7 +95,7 @@ class Schedule(abc.ABC):
     def describe(self) -> str:
         """One line for the log."""
 
-    def epoch_end(self, epoch: int, metric: float | None) -> None:
+    def epoch_end(self, epoch: int, metric: float | None) -> None:  # noqa: B027 (a hook most schedules ignore)
         """Called after epoch ``epoch`` (0-based) with the monitored validation metric; most ignore it."""
 
     def adjust(self, optimizer: paddle.optimizer.Optimizer, epoch: float) -> float:

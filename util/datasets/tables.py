@@ -24,6 +24,8 @@ import shlex
 import numpy as np
 import pandas as pd
 
+from util.datasets.base import SPLITS, DataOptions
+from util.datasets.image_paths import clean_path
 from util.errors import UserError, close_matches
 
 TABLE_EXTENSIONS = ('.csv', '.xlsx', '.xls')
@@ -391,9 +393,3 @@ class TableSource:
             more = f' and {len(dups) - 5} more' if len(dups) > 5 else ''
             raise UserError(f"{self.where}: {len(dups)} image paths listed more than once: {listing}{more} (each "
                             f"image once); remove the duplicate rows")
-
-
-# Imported last: util.datasets imports the table formats at its end and they import names from this
-# module, which must exist by then when this module is the first one imported (see util/datasets.py).
-from util.datasets import SPLITS, DataOptions  # noqa: E402
-from util.image_paths import clean_path  # noqa: E402

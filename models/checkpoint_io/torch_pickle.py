@@ -7,7 +7,7 @@ scalars/arrays/dtypes, a few builtins); any other global makes the whole file re
 ``UserError``, so nothing named by the file is ever called.
 
 Torch tensors and storages unpickle to placeholders (``_TensorRef`` / ``_StorageRef`` from
-``models.storage_views``); ``_materialise`` later replaces them by numpy arrays, only for the entries
+``models.checkpoint_io.storage_views``); ``_materialise`` later replaces them by numpy arrays, only for the entries
 a caller keeps.
 
 References: PyTorch ``torch/_utils.py`` (``_rebuild_tensor_v2`` argument order) and
@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from models.storage_views import _BFLOAT16, _StorageRef, _StorageSource, _TensorRef, _tensor_array
+from models.checkpoint_io.storage_views import _BFLOAT16, _StorageRef, _StorageSource, _tensor_array, _TensorRef
 from util.errors import UserError
 
 # torch storage class name -> numpy dtype (or the bfloat16 marker)

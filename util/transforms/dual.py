@@ -26,9 +26,15 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from util.image_ops import ColorJitter, RandomCrop, RandomRotation, Resize, ToArrayNormalize
-from util.transforms import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_transform, check_probability,
-                             jitter_factors, resolve_crop_pct)
+from util.transforms.ops import ColorJitter, RandomCrop, RandomRotation, Resize, ToArrayNormalize
+from util.transforms.pipelines import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    build_transform,
+    check_probability,
+    jitter_factors,
+    resolve_crop_pct,
+)
 
 
 def _check_views(views) -> tuple[Image.Image, Image.Image]:

@@ -28,7 +28,7 @@ from PIL import Image, ImageChops
 
 from util.errors import UserError, unknown_name_error
 from util.fileio import atomic_path
-from util.image_ops import to_rgb
+from util.image_io import to_rgb
 
 # Bump when the output of a preprocessing mode changes, so caches written by older code are not reused.
 PREPROCESS_VERSION = 1
@@ -190,7 +190,7 @@ def build_preprocess(mode: str, threshold: int = 10, size: int = 0) -> Preproces
 
 def _decode(path: str) -> Image.Image:
     # Imported here: util.datasets imports paddle (slow) and may itself import this module.
-    from util.datasets import load_image
+    from util.image_io import load_image
     return load_image(path)
 
 

@@ -1,7 +1,7 @@
 """Table datasets: the multi-label and grading table formats, and the table dataset base ODIR shares.
 
 A table dataset is one table (``labels.csv``) or a directory with ``train.csv`` [+ ``val.csv``,
-``test.csv``] (``.xlsx``/``.xls`` also read; ``util/tables.py``). Rows are validated as a whole when a
+``test.csv``] (``.xlsx``/``.xls`` also read; ``tables.py``). Rows are validated as a whole when a
 split is built, and every error names the file and the spreadsheet row numbers (header = row 1, first
 data row = row 2).
 
@@ -20,8 +20,8 @@ of which at least two are 0/1 -> csv_multilabel, else the one named like a grade
 error asking for ``--label_cols`` or ``--grade_col``. ``--task_type`` breaks ties (multi_label picks
 csv_multilabel; single_label/regression stop 0/1 columns from meaning multi-label).
 
-Splits come from ``util/splits.py`` (``assign_splits``: tables, a split column, or a seeded stratified
-and patient-grouped split) and image paths are resolved by ``util/image_paths.py`` (relative to
+Splits come from ``splits.py`` (``assign_splits``: tables, a split column, or a seeded stratified
+and patient-grouped split) and image paths are resolved by ``image_paths.py`` (relative to
 ``--image_root``, by default the table's folder or the subfolder holding the images).
 """
 from __future__ import annotations
@@ -34,14 +34,27 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from util.datasets import DataOptions, RetinaDataset, has_table_layout, register_dataset_format, resolve_task
+from util.datasets.base import DataOptions, RetinaDataset, has_table_layout, register_dataset_format, resolve_task
+from util.datasets.image_paths import ImageResolver, clean_path, is_inside
+from util.datasets.splits import assign_splits
+from util.datasets.tables import (
+    GRADE_NAMES,
+    TableSource,
+    check_sheet,
+    explain_sheets,
+    find_split_col,
+    guess_image_col,
+    is_binary,
+    is_table_file,
+    norm,
+    numbers,
+    numeric_columns,
+    paired_columns,
+    read_table,
+    require_column,
+    table_files,
+)
 from util.errors import UserError
-from util.image_paths import ImageResolver, clean_path, is_inside
-from util.splits import assign_splits
-from util.tables import (GRADE_NAMES, TableSource, check_sheet, explain_sheets, find_split_col, guess_image_col,
-                         is_binary, is_table_file, norm, numbers, numeric_columns, paired_columns, read_table,
-                         require_column, table_files)
-
 
 # ----------------------------------------------------------------------------- which table format
 
@@ -359,7 +372,3 @@ class GradingCsvDataset(TableDataset):
         self._row_targets = grades.astype(np.float32) if self.task == 'regression' else grades
         self._strat = grades
         self._groups = _patient_groups(src, patient_col)
-
-
-# registers 'odir' (it imports this module at its top; see the end of util/datasets.py)
-import util.datasets_odir  # noqa: E402,F401

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 from util.errors import UserError
+from util.image_io import IMG_EXTENSIONS
 
 
 def clean_path(listed: str) -> str:
@@ -107,9 +108,5 @@ class ImageResolver:
         listed = clean_path(listed)
         return listed if os.path.isabs(listed) else os.path.join(self.root, listed)
 
-
-# Imported last: util.datasets imports the table formats at its end and they import names from this
-# module, which must exist by then when this module is the first one imported (see util/datasets.py).
-from util.datasets import IMG_EXTENSIONS  # noqa: E402
 
 _EXTENSION_TRIALS = tuple(e for ext in IMG_EXTENSIONS for e in (ext, ext.upper()))

@@ -10,11 +10,11 @@ Formats (picked by extension, then checked by content):
   container is the pair (name, array) and comes back as the array).
 * ``.safetensors`` (8-byte header length, JSON header, raw little-endian data).
 
-Pickles are read by a restricted unpickler (``models.torch_pickle``): only the globals a checkpoint
+Pickles are read by a restricted unpickler (``models.checkpoint_io.torch_pickle``): only the globals a checkpoint
 needs resolve; any other global makes the whole file refused with a ``UserError``, so nothing named by
 the file is ever called.
 
-Tensor data is not duplicated (``models.storage_views``): the file is memory-mapped copy-on-write and
+Tensor data is not duplicated (``models.checkpoint_io.storage_views``): the file is memory-mapped copy-on-write and
 each array is a view at its storage's offset inside the (uncompressed) zip, so an array costs page
 cache only when it is touched. Non-contiguous tensors are copied once into C order; bfloat16 is widened
 to float32 (numpy has no bfloat16). ``keys=('model',)`` keeps only the named top-level entries, so e.g.
@@ -39,10 +39,16 @@ from typing import Any, Iterable
 
 import numpy as np
 
-# _StorageSource is not used here: it stays importable from this module, where tests patch it
-from models.storage_views import (_BFLOAT16, _contiguous_strides, _OffsetStorages, _StorageRef,
-                                  _StorageSource, _TensorRef, _tensor_array, _ZipStorages)
-from models.torch_pickle import _materialise, _restricted_load, _storage_type_dtype
+from models.checkpoint_io.storage_views import (
+    _BFLOAT16,
+    _contiguous_strides,
+    _OffsetStorages,
+    _StorageRef,
+    _tensor_array,
+    _TensorRef,
+    _ZipStorages,
+)
+from models.checkpoint_io.torch_pickle import _materialise, _restricted_load, _storage_type_dtype
 from util.errors import UserError
 
 TORCH_EXTENSIONS = ('.pth', '.pt', '.bin')

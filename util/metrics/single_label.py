@@ -29,23 +29,13 @@ from typing import Sequence
 import numpy as np
 from sklearn import metrics as skm
 
-from util.fileio import atomic_path
+from util.metrics.common import MetricWarning, _class_label, _kappa
 
 # CSV column order; the first ten are the reference's order.
 METRIC_COLUMNS = ['val_loss', 'accuracy', 'f1', 'roc_auc', 'hamming', 'jaccard', 'precision', 'recall',
                   'average_precision', 'kappa', 'kappa_quadratic', 'score']
 
 _SCALAR_KEYS = [c for c in METRIC_COLUMNS if c != 'val_loss']
-
-
-class MetricWarning(UserWarning):
-    """An evaluation metric is undefined for this data and was reported as NaN."""
-
-
-def _class_label(k: int, class_names: Sequence[str] | None) -> str:
-    if class_names is not None and k < len(class_names):
-        return f"{k} ({class_names[k]!r})"
-    return str(k)
 
 
 def _nan_result(num_classes: int, note: str) -> dict:
@@ -156,93 +146,3 @@ def compute_metrics(y_true, probs, num_classes: int | None = None,
     return out
 
 
-def _kappa(y_true: np.ndarray, y_pred: np.ndarray, weights: str | None, labels=None) -> float:
-    # scikit-learn returns NaN (or raises in some versions) when expected agreement is 1 (0/0).
-    try:
-        value = float(skm.cohen_kappa_score(y_true, y_pred, weights=weights, labels=labels))
-    except (ValueError, ZeroDivisionError):
-        return float('nan')
-    return value if math.isfinite(value) else float('nan')
-
-
-def cohen_kappa(y_true, y_pred, weights: str | None = None, labels=None) -> float:
-    """scikit-learn's ``cohen_kappa_score``, NaN (without a warning) where it is undefined (0/0).
-
-    For ``weights='quadratic'`` pass ``labels=range(K)`` so grades are weighted by their distance."""
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        return _kappa(np.asarray(y_true).reshape(-1), np.asarray(y_pred).reshape(-1), weights, labels)
-
-
-def selection_value(score: float) -> float:
-    """The value model selection compares: ``score``, with NaN ranked below every number (-inf)."""
-    score = float(score)
-    return -math.inf if math.isnan(score) else score
-
-
-def per_class_report(y_true, y_pred, num_classes: int) -> dict[str, list[float]]:
-    """Per-class precision, recall, F1 (zero_division 0) and support, each a list of ``num_classes``."""
-    p, r, f, s = skm.precision_recall_fscore_support(
-        np.asarray(y_true).reshape(-1), np.asarray(y_pred).reshape(-1), labels=np.arange(num_classes),
-        zero_division=0)
-    return {'precision': p.tolist(), 'recall': r.tolist(), 'f1': f.tolist(), 'support': s.tolist()}
-
-
-def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
-    """Counts ``cm[t, p]`` of samples with true class t predicted as p, shape [K, K] int64."""
-    y_true = np.asarray(y_true, dtype=np.int64).reshape(-1)
-    y_pred = np.asarray(y_pred, dtype=np.int64).reshape(-1)
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"confusion_matrix: {y_true.size} labels but {y_pred.size} predictions")
-    for arr, what in ((y_true, 'labels'), (y_pred, 'predictions')):
-        if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
-            raise ValueError(f"confusion_matrix: {what} must be in [0, {num_classes}), got range "
-                             f"[{arr.min()}, {arr.max()}]")
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (y_true, y_pred), 1)
-    return cm
-
-
-def save_confusion_matrix_png(cm: np.ndarray, class_names: Sequence[str] | None, path: str,
-                              title: str = 'Confusion matrix') -> str:
-    """Write a confusion-matrix image: colour = row-normalised fraction (recall per true class), text =
-    counts. Sizes scale with the number of classes so ~40 classes stay readable. Written atomically;
-    uses matplotlib's Agg canvas directly (no pyplot, no global backend change). Returns ``path``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cm = np.asarray(cm)
-    k = cm.shape[0]
-    if cm.shape != (k, k):
-        raise ValueError(f"save_confusion_matrix_png: cm must be square, got {cm.shape}")
-    names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(k)]
-    if len(names) != k:
-        raise ValueError(f"save_confusion_matrix_png: {len(names)} class names for {k} classes")
-    rows = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
-
-    side = min(max(4.0, 0.45 * k + 2.5), 24.0)
-    font = 10 if k <= 10 else max(6, 10 - (k - 10) // 8)  # ~0.45 in per cell fits 3 digits at 7 pt
-    fig = Figure(figsize=(side + 1.2, side), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(norm, cmap='Blues', vmin=0.0, vmax=1.0, interpolation='nearest')
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label='fraction of true class')
-    ax.set_xticks(range(k))
-    ax.set_yticks(range(k))
-    ax.set_xticklabels(names, rotation=90 if k > 8 else 45, ha='center' if k > 8 else 'right',
-                       fontsize=font)
-    ax.set_yticklabels(names, fontsize=font)
-    ax.set_xlabel('predicted')
-    ax.set_ylabel('true')
-    ax.set_title(title)
-    for t in range(k):
-        for p in range(k):
-            if cm[t, p] or k <= 20:
-                ax.text(p, t, str(int(cm[t, p])), ha='center', va='center', fontsize=font,
-                        color='white' if norm[t, p] > 0.5 else 'black')
-    fig.tight_layout()
-
-    with atomic_path(path, suffix='.png') as tmp:
-        fig.savefig(tmp, format='png')
-    return path

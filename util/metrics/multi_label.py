@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 from sklearn import metrics as skm
 
-from util.metrics import MetricWarning, cohen_kappa
+from util.metrics.common import MetricWarning, cohen_kappa
 
 MULTILABEL_COLUMNS = ['val_loss', 'f1_macro', 'f1_micro', 'precision_macro', 'recall_macro', 'roc_auc', 'map',
                       'hamming', 'subset_accuracy', 'odir_kappa', 'odir_f1', 'odir_auc', 'odir_final',

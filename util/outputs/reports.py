@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 
 from util.fileio import atomic_path, display_path
-from util.metrics import confusion_matrix, save_confusion_matrix_png
+from util.metrics.common import confusion_matrix
+from util.outputs.plots import save_confusion_matrix_png, save_multilabel_confusion_png
 
 
 def _fmt(value) -> str:
@@ -66,39 +67,6 @@ def save_thresholds_json(path: str, task: str, class_names: Sequence[str], thres
         with open(tmp, "w", encoding="utf8") as f:
             json.dump({"task": task, "source": source, "class_names": list(class_names),
                        "thresholds": None if thresholds is None else [float(t) for t in thresholds]}, f, indent=2)
-
-
-def save_multilabel_confusion_png(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str],
-                                  path: str, title: str) -> str:
-    """One 2 x 2 confusion matrix (rows true 0/1, columns predicted 0/1) per label, in a grid."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    n = len(class_names)
-    cols = min(4, n)
-    rows = int(math.ceil(n / cols))
-    fig = Figure(figsize=(2.6 * cols, 2.6 * rows + 0.4), dpi=120)
-    FigureCanvasAgg(fig)
-    for i, name in enumerate(class_names):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        cm = confusion_matrix(y_true[:, i], y_pred[:, i], 2)
-        totals = cm.sum(axis=1, keepdims=True)
-        norm = np.divide(cm, totals, out=np.zeros(cm.shape), where=totals > 0)
-        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        for t in range(2):
-            for p in range(2):
-                ax.text(p, t, str(int(cm[t, p])), ha="center", va="center",
-                        color="white" if norm[t, p] > 0.5 else "black")
-        ax.set_xticks([0, 1])
-        ax.set_yticks([0, 1])
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(str(name), fontsize=9)
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    return path
 
 
 def write_test_report(run_dir: str, task, stats: dict, y_true: np.ndarray, outputs: np.ndarray, dataset,

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from util.metrics import MetricWarning, cohen_kappa, confusion_matrix, per_class_report
+from util.metrics.common import MetricWarning, cohen_kappa, confusion_matrix, per_class_report
 
 REGRESSION_COLUMNS = ['val_loss', 'accuracy', 'f1', 'kappa_quadratic', 'kappa', 'mae', 'accuracy_tuned', 'f1_tuned',
                       'kappa_quadratic_tuned']

@@ -1,8 +1,7 @@
 """Image operations of the transform pipelines: PIL in, PIL out (``ToArrayNormalize``: float32 ``[3, H, W]`` out).
 
 Crops, resizes, flips, rotation and colour jitter with torchvision's / timm's semantics on PIL images,
-``pil_interpolation`` (filter names -> PIL filters) and ``to_rgb`` (any PIL mode, 16-bit grey included, to
-8-bit RGB). The random ones draw only from Python's ``random`` (seeding: see ``util/transforms.py``);
+``pil_interpolation`` (filter names -> PIL filters). The random ones draw only from Python's ``random`` (seeding: see ``util/transforms/pipelines.py``);
 ``RandomCrop``, ``RandomRotation`` and ``ColorJitter`` split the draw (``get_params``) from its use
 (``apply``/``pad``) so the dual-eye transform can share or repeat draws.
 
@@ -20,7 +19,8 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from util.errors import UserError
-from util.randaugment import RANDOM_INTERPOLATION
+from util.image_io import to_rgb
+from util.transforms.randaugment import RANDOM_INTERPOLATION
 
 _INTERPOLATIONS = {
     'nearest': Image.Resampling.NEAREST,
@@ -41,50 +41,6 @@ def pil_interpolation(name: str, allow_random: bool = False):
         raise UserError(f"--interpolation {name!r}: unknown interpolation (one of {', '.join(choices)}); "
                         f"pick one of those")
     return _INTERPOLATIONS[name]
-
-
-def _scaled_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
-    """8-bit grey levels for the pixel values of a 32-bit integer (``I``) or float (``F``) image."""
-    if mode == 'I' and values.size and values.min() >= 0 and values.max() <= 65535:
-        return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    values = values.astype(np.float64)
-    finite = np.isfinite(values)
-    if not finite.any():
-        return np.zeros(values.shape, dtype=np.uint8)
-    lo, hi = float(values[finite].min()), float(values[finite].max())
-    if mode == 'F' and lo >= 0.0 and hi <= 1.0:
-        lo, hi = 0.0, 1.0
-    if hi <= lo:  # a constant image: nothing to stretch
-        return np.zeros(values.shape, dtype=np.uint8)
-    out = np.rint((np.where(finite, values, lo) - lo) * (255.0 / (hi - lo)))
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` as an 8-bit RGB image (``img`` itself when it already is one).
-
-    PIL's own ``convert('RGB')`` clips high-bit-depth grey levels to 255, so a 16-bit OCT or fundus export
-    would come out all white; here their range is scaled instead:
-
-    - ``I;16`` (and ``I;16B``/``I;16L``/``I;16N``), 16-bit grey: 0..65535 maps linearly to 0..255,
-      ``round(v / 257)`` (the range of the data type, so the image's own contrast is kept).
-    - ``I`` (32-bit integers, e.g. an older Pillow's 16-bit PNG or an int32 TIFF): values within 0..65535 are
-      taken as 16-bit data and scaled as above; any other range (negative or larger values) has no
-      conventional full scale, so the image's own minimum..maximum maps to 0..255.
-    - ``F`` (32-bit float): values within [0, 1] (the float image convention) map to 0..255; any other range
-      maps its minimum..maximum to 0..255. NaN and infinite pixels become 0, and are left out of the range.
-    - every other mode (L, P, LA, RGBA, CMYK, ...) goes through ``convert('RGB')``. 16-bit RGB(A) PNGs and
-      TIFFs need nothing: PIL opens them as 8-bit RGB(A) already (keeping the high byte of each sample).
-    """
-    if img.mode == 'RGB':
-        return img
-    if img.mode.startswith('I;16'):
-        grey = ((np.asarray(img).astype(np.uint32) + 128) // 257).astype(np.uint8)
-    elif img.mode in ('I', 'F'):
-        grey = _scaled_to_uint8(np.asarray(img), img.mode)
-    else:
-        return img.convert('RGB')
-    return Image.fromarray(grey, 'L').convert('RGB')
 
 
 class ToRGB:

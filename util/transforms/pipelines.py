@@ -21,9 +21,9 @@ different per worker. Where timm uses torch's RNG (flip coin, erasing noise, Col
 instead, so those draws match timm in distribution, not seed for seed.
 
 The image operations themselves (crops, flips, rotation, colour jitter, resize, normalisation) are in
-``util/image_ops.py``.
+``util/transforms/ops.py``.
 
-References: timm ``timm/data/transforms_factory.py`` (random erasing: ``util/random_erasing.py``); RETFound
+References: timm ``timm/data/transforms_factory.py`` (random erasing: ``util/transforms/random_erasing.py``); RETFound
 ``util/datasets.py``; the seed systems of REFERENCE.md section 3.
 """
 from __future__ import annotations
@@ -31,10 +31,21 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from util.errors import UserError, unknown_name_error
-from util.image_ops import (CenterCrop, ColorJitter, RandomCrop, RandomHorizontalFlip, RandomResizedCrop,
-                            RandomRotation, RandomVerticalFlip, Resize, ToArrayNormalize, ToRGB, pil_interpolation)
-from util.randaugment import rand_augment_transform
-from util.random_erasing import RandomErasing
+from util.transforms.ops import (
+    CenterCrop,
+    ColorJitter,
+    RandomCrop,
+    RandomHorizontalFlip,
+    RandomResizedCrop,
+    RandomRotation,
+    RandomVerticalFlip,
+    Resize,
+    ToArrayNormalize,
+    ToRGB,
+    pil_interpolation,
+)
+from util.transforms.randaugment import rand_augment_transform
+from util.transforms.random_erasing import RandomErasing
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)

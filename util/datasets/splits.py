@@ -26,6 +26,8 @@ from collections import Counter
 
 import numpy as np
 
+from util.datasets.base import SPLITS, DataOptions
+from util.datasets.tables import SPLIT_ALIASES, TableSource, find_split_col
 from util.errors import UserError
 
 
@@ -153,9 +155,3 @@ def assign_splits(src: TableSource, options: DataOptions, strat: np.ndarray, gro
         notes['test'].append(f"{src.where}: no test split ({test_reason}): the test split is the val split, so "
                              f"test scores are not independent of model selection")
     return preset, test_is_val, notes
-
-
-# Imported last: util.datasets imports the table formats at its end and they import names from this
-# module, which must exist by then when this module is the first one imported (see util/datasets.py).
-from util.datasets import SPLITS, DataOptions  # noqa: E402
-from util.tables import SPLIT_ALIASES, TableSource, find_split_col  # noqa: E402

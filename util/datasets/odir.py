@@ -17,7 +17,7 @@ patients with ``--patient_col`` (default: a column named ID/patient/patient_id; 
   label); a generic table needs per-eye label columns (``left_<label>``/``right_<label>`` or
   ``<label>_left``/``<label>_right``). A blank eye cell just drops that eye.
 
-Splits are made per patient (``util/splits.assign_splits`` grouped by the patient column): both
+Splits are made per patient (``splits.assign_splits`` grouped by the patient column): both
 eyes and every row of a patient land in the same split. Images are looked for under ``--image_root``,
 else the table's folder and its subfolders (``Training Images/``, ``images/``, ...).
 
@@ -31,11 +31,21 @@ import re
 import numpy as np
 import pandas as pd
 
-from util.datasets import DataOptions, register_dataset_format, resolve_task
-from util.datasets_csv import TableDataset, _patient_groups
+from util.datasets.base import DataOptions, register_dataset_format, resolve_task
+from util.datasets.csv_formats import TableDataset, _patient_groups
+from util.datasets.tables import (
+    LEFT_RIGHT_SUFFIXES,
+    PATIENT_NAMES,
+    TableSource,
+    find_split_col,
+    is_numeric_like,
+    missing_column_error,
+    norm,
+    numeric_columns,
+    paired_columns,
+    require_column,
+)
 from util.errors import UserError
-from util.tables import (LEFT_RIGHT_SUFFIXES, PATIENT_NAMES, TableSource, find_split_col, is_numeric_like,
-                         missing_column_error, norm, numeric_columns, paired_columns, require_column)
 
 ODIR_CLASSES = ('N', 'D', 'G', 'C', 'A', 'H', 'M', 'O')
 ODIR_CLASS_NAMES = {'N': 'normal', 'D': 'diabetes', 'G': 'glaucoma', 'C': 'cataract', 'A': 'AMD',

@@ -1,0 +1,109 @@
+"""Image files: which files are images, finding them under a folder, and reading one as 8-bit RGB.
+
+Shared by the dataset formats, the fundus preprocessing, the image check and ``predict.py``; it imports
+nothing else of the toolkit but its errors, so every layer may use it.
+
+References: Pillow image modes (``I;16``, ``I``, ``F``) and ``Image.convert``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from util.errors import UserError
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')
+
+
+def is_visible(name: str) -> bool:
+    return not name.startswith('.')
+
+
+def scan_images(folder: str) -> list[str]:
+    """The image files under ``folder`` (any depth, sorted, hidden files and folders left out).
+
+    Symbolic links to folders are followed (datasets are often linked in), but every real folder is read
+    once: a link back to the folder being scanned or one of its ancestors (``loop -> .``), or a second link
+    to a folder already read, is skipped, so a link cycle can neither multiply the images nor recurse
+    until the path is too long.
+    """
+    real_top = os.path.realpath(folder)
+    seen = {real_top}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        for d in sorted(d for d in dirnames if is_visible(d)):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in seen or real_top.startswith(real.rstrip(os.sep) + os.sep):
+                continue  # already read, or an ancestor of the scanned folder (a cycle)
+            seen.add(real)
+            kept.append(d)
+        dirnames[:] = kept
+        found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if is_visible(f) and f.lower().endswith(IMG_EXTENSIONS)]
+    return found
+
+
+def _scaled_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """8-bit grey levels for the pixel values of a 32-bit integer (``I``) or float (``F``) image."""
+    if mode == 'I' and values.size and values.min() >= 0 and values.max() <= 65535:
+        return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    values = values.astype(np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, dtype=np.uint8)
+    lo, hi = float(values[finite].min()), float(values[finite].max())
+    if mode == 'F' and lo >= 0.0 and hi <= 1.0:
+        lo, hi = 0.0, 1.0
+    if hi <= lo:  # a constant image: nothing to stretch
+        return np.zeros(values.shape, dtype=np.uint8)
+    out = np.rint((np.where(finite, values, lo) - lo) * (255.0 / (hi - lo)))
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as an 8-bit RGB image (``img`` itself when it already is one).
+
+    PIL's own ``convert('RGB')`` clips high-bit-depth grey levels to 255, so a 16-bit OCT or fundus export
+    would come out all white; here their range is scaled instead:
+
+    - ``I;16`` (and ``I;16B``/``I;16L``/``I;16N``), 16-bit grey: 0..65535 maps linearly to 0..255,
+      ``round(v / 257)`` (the range of the data type, so the image's own contrast is kept).
+    - ``I`` (32-bit integers, e.g. an older Pillow's 16-bit PNG or an int32 TIFF): values within 0..65535 are
+      taken as 16-bit data and scaled as above; any other range (negative or larger values) has no
+      conventional full scale, so the image's own minimum..maximum maps to 0..255.
+    - ``F`` (32-bit float): values within [0, 1] (the float image convention) map to 0..255; any other range
+      maps its minimum..maximum to 0..255. NaN and infinite pixels become 0, and are left out of the range.
+    - every other mode (L, P, LA, RGBA, CMYK, ...) goes through ``convert('RGB')``. 16-bit RGB(A) PNGs and
+      TIFFs need nothing: PIL opens them as 8-bit RGB(A) already (keeping the high byte of each sample).
+    """
+    if img.mode == 'RGB':
+        return img
+    if img.mode.startswith('I;16'):
+        grey = ((np.asarray(img).astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif img.mode in ('I', 'F'):
+        grey = _scaled_to_uint8(np.asarray(img), img.mode)
+    else:
+        return img.convert('RGB')
+    return Image.fromarray(grey, 'L').convert('RGB')
+
+
+def load_image(path: str) -> Image.Image:
+    """Open ``path`` fully (truncated files fail here, not later) and convert it to 8-bit RGB.
+
+    High-bit-depth images (16-bit grey PNG/TIFF as OCT devices export them, 32-bit integer or float TIFF)
+    are scaled to 0..255 rather than clipped; ``to_rgb`` documents the mapping.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise UserError(f"{path}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (False, so truncated images "
+                        f"are reported); do not set it, fix or remove broken images instead")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = to_rgb(img)
+            return img.copy() if rgb is img else rgb
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"{path}: cannot read image ({type(err).__name__}: {err}) (a complete "
+                        f"JPEG/PNG/BMP/TIFF file); replace or delete the file") from None
