@@ -19,8 +19,9 @@ import paddle
 import paddle.nn.functional as F
 
 from util.distributed import all_reduce_mean, gather_rows, get_rank, get_world_size
-from util.errors import UserError
-from util.losses import build_loss, soft_cross_entropy  # noqa: F401  (re-exported: tests, benchmarks)
+from util.errors import UserError, close_matches
+from util.inference import AmpConfig
+from util.losses import build_loss
 from util.metrics import METRIC_COLUMNS, compute_metrics, per_class_report, selection_value
 from util.metrics.multi_label import MULTILABEL_COLUMNS, binarize, compute_multilabel_metrics, tune_thresholds_f1
 from util.metrics.regression import (
@@ -31,6 +32,7 @@ from util.metrics.regression import (
     optimise_thresholds_qwk,
 )
 from util.progress import Progress
+from util.task_names import TASK_NAMES
 
 
 class NonFiniteLossError(UserError):
@@ -78,6 +80,58 @@ def _regression_predict(outputs, num_classes, thresholds=None):
     return cut_grades(outputs.reshape(-1), cuts)
 
 
+def _probs(outputs_i) -> list:
+    return [f"{v:.6f}" for v in outputs_i]
+
+
+def _number(value: float) -> str:
+    return f"{float(value):.6g}"  # 2 for 2.0, nan for NaN
+
+
+# predictions_test.csv (labelled: label, outputs, decisions at the fixed and the tuned thresholds) and
+# predict.py's result.csv (unlabelled: the decision as text, then the outputs), per task
+def _single_label_table(names, tuned: bool):
+    return ["label", "prediction"] + [f"prob_{c}" for c in names]
+
+
+def _single_label_row(y, out, fixed, tuned):
+    return [int(y), int(fixed)] + _probs(out)
+
+
+def _single_label_result(names):
+    return ["prediction"] + [f"prob_{c}" for c in names]
+
+
+def _single_label_result_row(names, pred, out):
+    return [names[int(pred)]] + _probs(out)
+
+
+def _multi_label_table(names, tuned: bool):
+    return ([f"label_{c}" for c in names] + [f"prob_{c}" for c in names] + [f"pred_{c}" for c in names]
+            + ([f"pred_tuned_{c}" for c in names] if tuned else []))
+
+
+def _multi_label_row(y, out, fixed, tuned):
+    return ([int(v) for v in y] + _probs(out) + [int(v) for v in fixed]
+            + ([int(v) for v in tuned] if tuned is not None else []))
+
+
+def _multi_label_result_row(names, pred, out):
+    return [";".join(c for c, v in zip(names, pred) if v)] + _probs(out)
+
+
+def _regression_table(names, tuned: bool):
+    return ["label", "output", "prediction"] + (["prediction_tuned"] if tuned else [])
+
+
+def _regression_row(y, out, fixed, tuned):
+    return [_number(float(y)), f"{out[0]:.6f}", int(fixed)] + ([int(tuned)] if tuned is not None else [])
+
+
+def _regression_result_row(names, pred, out):
+    return [int(pred), f"{out[0]:.6f}"]
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """Everything that depends on the task type, so that the loop, the reports and model selection never
@@ -101,6 +155,22 @@ class TaskSpec:
     tune_by_default: bool = False
     minimize: frozenset = frozenset({"val_loss"})  # columns where lower is better
     headline: tuple = ()  # the metrics printed each epoch and drawn in training_curves.png
+    loss_options: frozenset = frozenset()  # the loss flags that apply: smoothing, class_weights, pos_weight
+    per_label: bool = False  # decisions are a 0/1 matrix [N, labels] (a 2 x 2 confusion matrix per label)
+    # predictions_test.csv: (class_names, tuned) -> columns; (label, outputs, decision, tuned decision) -> cells
+    table_columns: Callable | None = None
+    table_row: Callable | None = None
+    # predict.py's result.csv: class_names -> columns after "file"; (class_names, decision, outputs) -> cells
+    result_columns: Callable | None = None
+    result_row: Callable | None = None
+
+    def check_metric(self, name: str, flag: str) -> str:
+        """``name`` if it is one of this task's metric columns, else a ``UserError`` naming ``flag``."""
+        if name not in self.columns:
+            near = close_matches(name, self.columns)
+            raise UserError(f"{flag} {name!r}: not a {self.name} metric (one of {', '.join(self.columns)}); "
+                            + (f"did you mean {near[0]!r}? " if near else "") + "pick one of those")
+        return name
 
     def selection_value(self, stats: dict, metric: str) -> float:
         """The number model selection maximises: the metric (negated when lower is better); NaN -> -inf."""
@@ -121,6 +191,11 @@ TASKS: dict[str, TaskSpec] = {
         decode_labels=lambda cols: cols[:, 0].astype(np.int64),
         minimize=frozenset({"val_loss", "hamming"}),
         headline=("accuracy", "f1", "roc_auc", "kappa", "score"),
+        loss_options=frozenset({"smoothing", "class_weights"}),
+        table_columns=_single_label_table,
+        table_row=_single_label_row,
+        result_columns=_single_label_result,
+        result_row=_single_label_result_row,
     ),
     "multi_label": TaskSpec(
         name="multi_label",
@@ -136,6 +211,12 @@ TASKS: dict[str, TaskSpec] = {
         tune_by_default=True,
         minimize=frozenset({"val_loss", "hamming"}),
         headline=("f1_macro", "f1_micro", "roc_auc", "map", "odir_final"),
+        loss_options=frozenset({"pos_weight"}),
+        per_label=True,
+        table_columns=_multi_label_table,
+        table_row=_multi_label_row,
+        result_columns=_single_label_result,  # the labels over their thresholds, ';'-joined
+        result_row=_multi_label_result_row,
     ),
     "regression": TaskSpec(
         name="regression",
@@ -150,8 +231,15 @@ TASKS: dict[str, TaskSpec] = {
         tune=_regression_tune,
         minimize=frozenset({"val_loss", "mae"}),
         headline=("accuracy", "f1", "kappa_quadratic", "mae"),
+        table_columns=_regression_table,
+        table_row=_regression_row,
+        result_columns=lambda names: ["prediction", "output"],
+        result_row=_regression_result_row,
     ),
 }
+
+
+assert tuple(TASKS) == TASK_NAMES, "every task type has exactly one entry in TASKS"
 
 
 def get_task(name: str) -> TaskSpec:
@@ -160,25 +248,13 @@ def get_task(name: str) -> TaskSpec:
     return TASKS[name]
 
 
-@dataclass
-class AmpConfig:
-    enabled: bool = False
-    dtype: str = "float16"
-
-    def autocast(self):
-        if not self.enabled:
-            return contextlib.nullcontext()
-        return paddle.amp.auto_cast(enable=True, dtype=self.dtype, level="O1")
-
-
-def train_one_epoch(model, criterion: Callable, data_loader, optimizer, epoch: int, *,
-                    set_lr: Callable[[float], float], accum_iter: int = 1, clip_grad: float | None = None,
-                    scaler=None, amp: AmpConfig | None = None, logger=None, print_freq: int = 20,
-                    global_step: int = 0) -> tuple[dict, int]:
+def train_one_epoch(model, criterion: Callable, data_loader, optimizer, epoch: int, *, schedule,
+                    accum_iter: int = 1, clip_grad: float | None = None, scaler=None, amp: AmpConfig | None = None,
+                    logger=None, print_freq: int = 20, global_step: int = 0) -> tuple[dict, int]:
     """Train for one epoch.
 
     The LR is set at every optimizer step from the fractional epoch ``epoch + step / len(loader)``
-    (the reference's per-iteration schedule); ``set_lr`` applies it to the optimizer and returns it.
+    (the reference's per-iteration schedule): ``schedule.adjust(optimizer, e)`` applies it and returns it.
     Returns the epoch's averages ``{'loss', 'lr'}`` and the updated optimizer-step counter.
     """
     amp = amp or AmpConfig()
@@ -190,7 +266,7 @@ def train_one_epoch(model, criterion: Callable, data_loader, optimizer, epoch: i
     loss_sum, lr, count = 0.0, 0.0, 0
     for step, (samples, targets) in enumerate(data_loader):
         if step % accum_iter == 0:
-            lr = set_lr(epoch + step / n)
+            lr = schedule.adjust(optimizer, epoch + step / n)
         with amp.autocast():
             outputs = model(samples)
             loss = criterion(outputs, targets)

@@ -14,7 +14,7 @@ The output has ``file`` and ``prediction`` (class name / grade; for multi-label 
 labels) then the task's outputs (probabilities per class or label; the continuous grade for regression).
 The DR seed's ``result.csv`` (image name, predicted grade) is the first two columns.
 
-References: the DR-grading seed's predict step (REFERENCE.md section 3).
+References: the DR-grading seed system's predict step (README.md, Seed systems).
 """
 from __future__ import annotations
 
@@ -96,11 +96,9 @@ def predict(a) -> int:
     from models import create_model
     from models.pretrained import load_state_dict_strict
     from util.fileio import atomic_path, display_path
-    from util.image_io import load_image
+    from util.inference import RunIdentity, select_device
     from util.outputs.checkpoint import read_toolkit_checkpoint
-    from util.transforms import build_transform
-    from util.transforms.dual import build_dual_transform
-    from util.transforms.fundus import FundusReader, build_preprocess
+    from util.transforms.assemble import eval_inputs
 
     state = read_toolkit_checkpoint(a.resume)
     if state is None or "inference" not in state["meta"]:
@@ -108,23 +106,19 @@ def predict(a) -> int:
                         "model description); pass <run folder>/checkpoint-best.pdparams")
     if a.batch_size < 1:
         raise UserError(f"--batch_size {a.batch_size}: expected 1 or more; pass a positive batch size")
-    meta, inf = state["meta"], state["meta"]["inference"]
-    has_gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
-    paddle.set_device("gpu" if a.device == "gpu" or (a.device == "auto" and has_gpu) else "cpu")
-    task = engine.get_task(meta["task_type"])
-    nb_classes, class_names = int(meta["nb_classes"]), list(meta["class_names"])
-    model = create_model(meta["model"], num_classes=task.num_outputs(nb_classes), global_pool=meta["global_pool"],
-                         img_size=meta["input_size"])
+    identity = RunIdentity.from_meta(state["meta"])
+    select_device(a.device)
+    task = engine.get_task(identity.task_type)
+    nb_classes, class_names = identity.nb_classes, list(identity.class_names)
+    model = create_model(identity.model, num_classes=task.num_outputs(nb_classes), global_pool=identity.global_pool,
+                         img_size=identity.input_size)
     load_state_dict_strict(model, state["model"], a.resume)
     model.eval()
     thresholds = None if a.fixed_thresholds else state.get("thresholds")
-
-    preprocess = build_preprocess(inf["fundus_crop"], threshold=inf["fov_threshold"], size=inf["preprocess_size"])
-    reader = FundusReader(preprocess) if preprocess else load_image
-    common = dict(mean=inf["mean"], std=inf["std"], interpolation=inf["interpolation"], crop_pct=inf["crop_pct"])
+    # the same reader and eval transform as the run's own evaluation
+    reader, transform = eval_inputs(model.num_views, identity.data_cfg(), identity.preprocessing())
     if model.num_views == 2:
         items = read_pairs(a.input)
-        transform = build_dual_transform(False, meta["input_size"], **common)
 
         def load(item):
             return transform([reader(item[0]), reader(item[1])])
@@ -132,7 +126,6 @@ def predict(a) -> int:
         names = [display_path(f"{os.path.basename(left)}|{os.path.basename(right)}") for left, right in items]
     else:
         items = find_images(a.input)
-        transform = build_transform(False, meta["input_size"], **common)
 
         def load(item):
             return transform(reader(item))
@@ -153,18 +146,9 @@ def predict(a) -> int:
     with atomic_path(a.output, suffix=".csv") as tmp:
         with open(tmp, "w", newline="", encoding="utf8") as f:
             w = csv.writer(f)
-            if preds.ndim == 2:
-                w.writerow(["file", "prediction"] + [f"prob_{c}" for c in class_names])
-                for n, pr, out in zip(names, preds, outputs):
-                    w.writerow([n, ";".join(c for c, v in zip(class_names, pr) if v)] + [f"{v:.6f}" for v in out])
-            elif outputs.shape[1] == 1:
-                w.writerow(["file", "prediction", "output"])
-                for n, pr, out in zip(names, preds, outputs):
-                    w.writerow([n, int(pr), f"{out[0]:.6f}"])
-            else:
-                w.writerow(["file", "prediction"] + [f"prob_{c}" for c in class_names])
-                for n, pr, out in zip(names, preds, outputs):
-                    w.writerow([n, class_names[int(pr)]] + [f"{v:.6f}" for v in out])
+            w.writerow(["file"] + task.result_columns(class_names))
+            for n, pr, out in zip(names, preds, outputs):
+                w.writerow([n] + task.result_row(class_names, pr, out))
     print(f"wrote {len(items)} predictions to {a.output}"
           + (" (thresholds tuned on val)" if thresholds is not None else ""))
     return 0

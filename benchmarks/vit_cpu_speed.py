@@ -17,9 +17,13 @@ shared machine may be busy, absolute numbers drift; running both sides alternate
 them to the same load, so the *ratio* is what to compare between runs.
 
 Usage (from the repository root):
-    python benchmarks/vit_cpu_speed.py                      # ViT-B/16, batch 4, 3 rounds
-    python benchmarks/vit_cpu_speed.py --model large        # ViT-L/16 (RETFound size), slow
+    python benchmarks/vit_cpu_speed.py --torch-python TORCH_PYTHON                 # ViT-B/16, batch 4, 3 rounds
+    python benchmarks/vit_cpu_speed.py --torch-python TORCH_PYTHON --model large   # ViT-L/16 (RETFound size), slow
     python benchmarks/vit_cpu_speed.py --paddle_env FLAGS_use_mkldnn=1   # try a Paddle flag
+
+The interpreters of the two sides: ``--paddle-python`` (the toolkit's environment; default ``$PADDLE_PYTHON``
+if set, else the interpreter running this script) and ``--torch-python`` (an environment with torch + timm;
+default ``$TORCH_PYTHON`` if set, else ``python`` on the PATH).
 
 References: timm ``vision_transformer.py`` / ``loss/cross_entropy.py`` (the reference model and loss),
 RETFound_MAE ``main_finetune.py`` (AdamW recipe).
@@ -36,8 +40,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PADDLE_PY = "/root/venv/bin/python"
-TORCH_PY = "/root/torchvenv/bin/python"
 
 # name -> (our registered model, embed dim, depth, heads)
 MODELS = {
@@ -71,7 +73,7 @@ def worker_paddle(a: argparse.Namespace) -> dict:
     import paddle
 
     import models
-    from engine_finetune import soft_cross_entropy
+    from util.losses import soft_cross_entropy
     from util.lr_decay import build_optimizer
 
     paddle.seed(0)
@@ -176,7 +178,7 @@ def _run_worker(side: str, a: argparse.Namespace) -> dict:
         for kv in a.paddle_env:
             k, _, v = kv.partition("=")
             env[k] = v
-    cmd = [PADDLE_PY if side == "paddle" else TORCH_PY, os.path.abspath(__file__), "--worker", side,
+    cmd = [a.paddle_python if side == "paddle" else a.torch_python, os.path.abspath(__file__), "--worker", side,
            "--model", a.model, "--batch_size", str(a.batch_size), "--input_size", str(a.input_size),
            "--threads", str(a.threads), "--warmup", str(a.warmup), "--steps", str(a.steps),
            "--paddle_groups", a.paddle_groups]
@@ -228,6 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--paddle_env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment variable for the Paddle worker only (repeatable), e.g. FLAGS_use_mkldnn=1")
     p.add_argument("--json", default=None, help="also write all measurements to this JSON file")
+    p.add_argument("--paddle-python", default=os.environ.get("PADDLE_PYTHON", sys.executable),
+                   help="Python of the toolkit's (Paddle) environment (default: $PADDLE_PYTHON, else this interpreter)")
+    p.add_argument("--torch-python", default=os.environ.get("TORCH_PYTHON", "python"),
+                   help="Python of an environment with torch + timm (default: $TORCH_PYTHON, else python)")
     p.add_argument("--worker", choices=["paddle", "torch"], default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 

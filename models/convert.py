@@ -18,7 +18,7 @@ import os
 import pickle
 import sys
 import types
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -100,12 +100,6 @@ def find_state_dict(obj: Any) -> tuple[dict[str, np.ndarray], str | None, str]:
     return sd, where, prefix
 
 
-def extract_state_dict(obj: Any) -> dict[str, np.ndarray]:
-    """The name -> array weights of a loaded checkpoint (``'model'`` first, see ``STATE_DICT_KEYS``),
-    without a DDP ``'module.'`` prefix. Raises ``UserError`` listing the top-level keys if there is none."""
-    return find_state_dict(obj)[0]
-
-
 def is_linear_weight(name: str, array: np.ndarray) -> bool:
     """True for the weight of a Linear layer: a 2-D ``*.weight`` that is not an embedding table.
 
@@ -140,7 +134,7 @@ def torch_to_paddle(sd: dict[str, np.ndarray],
     for name, array in sd.items():
         if not isinstance(array, np.ndarray):
             raise UserError(f'state dict entry {name!r}: {type(array).__name__} (expected a numpy array); '
-                            f'pass the output of extract_state_dict')
+                            f'pass the state dict found by find_state_dict')
         if is_linear(name, array):
             out[name] = np.ascontiguousarray(array.T) if copy else array.T
             transposed.append(name)
@@ -194,18 +188,6 @@ def to_paddle_state_dict(obj: Any, source_format: str, copy: bool = True) -> tup
         out, report = dict(sd), {'kept': list(sd), 'transposed': [], 'unchanged': list(sd)}
     report.update(source_format=source_format, source_key=where, stripped_prefix=prefix)
     return out, report
-
-
-def shape_report(sd: dict[str, np.ndarray], expected: dict[str, Iterable[int]]) -> dict[str, Any]:
-    """Compare a state dict with a model's expected shapes (e.g. ``{k: v.shape for k, v in
-    model.state_dict().items()}``): ``{'missing': [...], 'unexpected': [...], 'mismatched': {name:
-    (got, expected)}}``."""
-    exp = {k: tuple(v) for k, v in expected.items()}
-    return {
-        'missing': [k for k in exp if k not in sd],
-        'unexpected': [k for k in sd if k not in exp],
-        'mismatched': {k: (tuple(sd[k].shape), exp[k]) for k in sd if k in exp and tuple(sd[k].shape) != exp[k]},
-    }
 
 
 class _ContiguousPickler(pickle.Pickler):

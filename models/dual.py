@@ -26,7 +26,7 @@ head is then re-drawn by ``load_pretrained``). ``drop_path_rate`` reaches the ba
 depth (ConvNeXt, ViT); ``global_pool`` does not apply (tokens are always mean-pooled).
 
 References: Vaswani et al., "Attention Is All You Need" (multi-head attention, post-norm residual); the
-ODIR-5K seed systems in ../shared/REFERENCE.md section 3.
+ODIR-5K seed systems (README.md, Seed systems).
 """
 from __future__ import annotations
 

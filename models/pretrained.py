@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any
 
 import numpy as np
@@ -240,3 +241,38 @@ def summarize(report: dict[str, Any]) -> str:
     if report["head_reset"]:
         lines.append("  head re-initialised: trunc_normal(std=2e-5), bias 0")
     return "\n".join(lines)
+
+
+def load_weights(model: paddle.nn.Layer, identity: dict, *, resume: str = "", finetune: str = "",
+                 eval_only: bool = False, weights_dir: str = "./weights", verbose: bool = True) -> dict | None:
+    """Apply ``--resume`` / ``--finetune`` to ``model`` (``identity``: the run's ``RunIdentity.meta()``); returns
+    the toolkit checkpoint being resumed or evaluated, if any."""
+    from util.outputs.checkpoint import check_eval_classes, check_resume_compatible, read_toolkit_checkpoint
+
+
+    if resume:
+        state = read_toolkit_checkpoint(resume)
+        if state is not None:
+            if not eval_only:
+                check_resume_compatible(state["meta"], identity, resume)
+            else:
+                check_eval_classes(state["meta"], identity["class_names"], identity["data_path"], resume)
+            load_state_dict_strict(model, state["model"], resume)
+            if verbose:
+                print(f"Resumed from {resume} (epoch {state['epoch']})", flush=True)
+            return state
+        if not eval_only:
+            raise UserError(f"{resume}: not a checkpoint of this toolkit, so it cannot be resumed "
+                            "(it has no optimizer state or run identity); evaluate it with --eval, or pass it "
+                            "to --finetune to start a new run from its weights")
+        load_finetuned(model, resume, verbose=verbose)  # e.g. a RETFound PyTorch checkpoint-best.pth
+    elif eval_only:
+        raise UserError("--eval: no checkpoint to evaluate (--resume is empty); pass --resume CKPT")
+    elif finetune:
+        # as the reference: the head weight is always re-drawn (trunc normal, std 2e-5) after loading
+        load_pretrained(model, finetune, weights_dir=weights_dir, reinit_head=True, verbose=verbose)
+    elif verbose:
+        print(f"warning: no pretrained weights given (--finetune): {identity['model']} starts from random "
+              "initialisation; pass --finetune NAME|PATH to start from pretrained weights (e.g. "
+              "RETFound_mae_meh in --weights_dir for retfound_mae)", file=sys.stderr, flush=True)
+    return None

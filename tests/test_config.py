@@ -1,4 +1,5 @@
 """util.config: precedence default < YAML preset < CLI, YAML checking and coercion, reference command line."""
+import json
 import os
 import shlex
 
@@ -8,7 +9,7 @@ import yaml
 from util.config import config_to_dict, get_args_parser, load_yaml_preset, resolve_config, save_config
 from util.errors import UserError
 
-# REFERENCE.md section 1, with `python` in place of torchrun.
+# The fine-tuning command of the RETFound_MAE README (rmaphoh/RETFound_MAE), with `python` in place of torchrun.
 REFERENCE_CMD = """main_finetune.py --model RETFound_mae --savemodel --global_pool --batch_size 16 --world_size 1
   --epochs 100 --blr 5e-3 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.2 --nb_classes 5
   --data_path ./IDRiD --input_size 224 --task RETFound_mae_meh-IDRiD --finetune RETFound_mae_meh"""
@@ -221,3 +222,43 @@ def test_parser_help_mentions_launcher_note(capsys):
         get_args_parser().parse_args(['--help'])
     out = capsys.readouterr().out
     assert '--world_size' in out and 'ignored' in out and '--cls_token' in out
+
+
+# ------------------------------------------------------------------------------------------------ shipped presets
+CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
+PRESETS = sorted(f for f in os.listdir(CONFIGS) if f.endswith('.yaml'))
+# resolved values of every preset, recorded by tools/make_presets_fixture.py
+RESOLVED = os.path.join(os.path.dirname(__file__), 'fixtures', 'presets_resolved.json')
+
+
+def _keys_at_default(path):
+    """Keys of the preset at ``path`` whose value (typed as util.config types it) equals the parser default."""
+    parser = get_args_parser()
+    defaults = vars(parser.parse_args([]))
+    return sorted(k for k, v in load_yaml_preset(path, parser).items() if v == defaults[k])
+
+
+def test_keys_at_default_finds_values_equal_to_the_default(tmp_path):
+    # epochs as 100, warmup_epochs as the int 10 (the default is 10.0), global_pool through its alias cls_token
+    path = _yaml(tmp_path, 'data_path: d\nepochs: 100\nwarmup_epochs: 10\nblr: 1.0e-3\ncls_token: false\n'
+                           'clip_grad: null\naa: "rand-m9-mstd0.5-inc1"\n')
+    assert _keys_at_default(path) == ['aa', 'clip_grad', 'epochs', 'global_pool', 'warmup_epochs']
+
+
+@pytest.mark.parametrize('preset', PRESETS)
+def test_shipped_presets_set_only_non_default_values(preset):
+    assert _keys_at_default(os.path.join(CONFIGS, preset)) == [], \
+        f"configs/{preset}: these keys equal the default of main_finetune.py --help; remove them"
+
+
+def test_shipped_presets_resolve_to_the_recorded_values():
+    with open(RESOLVED, encoding='utf8') as f:
+        recorded = json.load(f)
+    assert sorted(recorded) == PRESETS, "a preset was added or removed: run tools/make_presets_fixture.py"
+    for preset in PRESETS:
+        got = json.loads(json.dumps(config_to_dict(resolve_config(['--config', os.path.join(CONFIGS, preset)]))))
+        want = recorded[preset]
+        assert got == want, (preset, {k: (want.get(k), got.get(k)) for k in set(got) | set(want)
+                                      if want.get(k) != got.get(k)})
+        # same types too (10 and 10.0 are equal but are not the same value in a saved config)
+        assert {k: type(v).__name__ for k, v in got.items()} == {k: type(v).__name__ for k, v in want.items()}, preset

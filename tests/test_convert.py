@@ -20,12 +20,10 @@ from models.checkpoint_io import read_checkpoint, storage_views
 from models.convert import (
     STATE_DICT_KEYS,
     drop_keys,
-    extract_state_dict,
     find_state_dict,
     is_mae_decoder_key,
     main,
     save_pdparams,
-    shape_report,
     source_format_for,
     to_paddle_state_dict,
     torch_to_paddle,
@@ -302,28 +300,28 @@ def _arrays(*names, shape=(2, 3)):
     return {n: np.arange(np.prod(shape), dtype=np.float32).reshape(shape) for n in names}
 
 
-def test_extract_state_dict_precedence_and_ddp_prefix():
+def test_find_state_dict_precedence_and_ddp_prefix():
     a, b, c = _arrays('x.weight'), _arrays('y.weight'), _arrays('z.weight')
-    assert list(extract_state_dict({'model': a, 'state_dict': b, 'model_ema': c})) == ['x.weight']
-    assert list(extract_state_dict({'state_dict': b, 'model_ema': c, 'epoch': 3})) == ['y.weight']
-    assert list(extract_state_dict({'model_ema': c, 'optimizer': {}})) == ['z.weight']
-    assert list(extract_state_dict(a)) == ['x.weight']  # bare
+    assert list(find_state_dict({'model': a, 'state_dict': b, 'model_ema': c})[0]) == ['x.weight']
+    assert list(find_state_dict({'state_dict': b, 'model_ema': c, 'epoch': 3})[0]) == ['y.weight']
+    assert list(find_state_dict({'model_ema': c, 'optimizer': {}})[0]) == ['z.weight']
+    assert list(find_state_dict(a)[0]) == ['x.weight']  # bare
     ddp = {'module.blocks.0.attn.qkv.weight': np.zeros((6, 2)), 'module.cls_token': np.zeros((1, 1, 2))}
     sd, where, prefix = find_state_dict({'model': ddp})
     assert where == 'model' and prefix == 'module.' and sorted(sd) == ['blocks.0.attn.qkv.weight', 'cls_token']
     # a mixed prefix is not DDP's: names are kept
-    assert 'module.x' in extract_state_dict({'module.x': np.zeros(1), 'y': np.zeros(1)})
+    assert 'module.x' in find_state_dict({'module.x': np.zeros(1), 'y': np.zeros(1)})[0]
     # paddle bookkeeping entries are ignored
-    assert list(extract_state_dict({'w': np.zeros(1), 'StructuredToParameterName@@': {'w': 'linear_0.w_0'}})) == ['w']
+    assert list(find_state_dict({'w': np.zeros(1), 'StructuredToParameterName@@': {'w': 'linear_0.w_0'}})[0]) == ['w']
 
 
-def test_extract_state_dict_error_lists_top_level_keys():
+def test_find_state_dict_error_lists_top_level_keys():
     with pytest.raises(UserError) as err:
-        extract_state_dict({'epoch': 3, 'optimizer': {'state': {}}, 'args': types.SimpleNamespace()})
+        find_state_dict({'epoch': 3, 'optimizer': {'state': {}}, 'args': types.SimpleNamespace()})
     msg = str(err.value)
     assert "'epoch'" in msg and "'optimizer'" in msg and "'args'" in msg and "'model'" in msg
     with pytest.raises(UserError, match='list'):
-        extract_state_dict([np.zeros(2)])
+        find_state_dict([np.zeros(2)])
 
 
 @pytest.mark.parametrize('fname', ['mae_checkpoint.pth', 'bare_state_dict.pth'])
@@ -393,13 +391,10 @@ def test_source_format_for():
         source_format_for('w.npz')
 
 
-def test_drop_keys_and_shape_report():
+def test_drop_keys():
     sd = {**_arrays('blocks.0.mlp.fc1.weight', 'decoder_embed.weight'), 'mask_token': np.zeros((1, 1, 2))}
     kept, dropped = drop_keys(sd, is_mae_decoder_key)
     assert list(kept) == ['blocks.0.mlp.fc1.weight'] and dropped == ['decoder_embed.weight', 'mask_token']
-    rep = shape_report(kept, {'blocks.0.mlp.fc1.weight': (3, 2), 'head.weight': (2, 5)})
-    assert rep == {'missing': ['head.weight'], 'unexpected': [],
-                   'mismatched': {'blocks.0.mlp.fc1.weight': ((2, 3), (3, 2))}}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -225,7 +225,6 @@ def test_data_options_validation(tmp_path):
         with pytest.raises(UserError, match=pattern):
             build_dataset('train', root, None, options=opts)
     assert DataOptions(label_cols='a, b,').validate().label_cols == ['a', 'b']
-    assert DataOptions(val_ratio=0.2).summary() == 'val_ratio=0.2' and DataOptions().summary() == 'defaults'
 
 
 def test_each_layout_is_detected_as_exactly_one_format(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 import engine_finetune as engine
 from models import create_model
-from util.losses import build_loss
+from util.losses import build_loss, soft_cross_entropy
 from util.lr_decay import build_optimizer
 
 
@@ -34,14 +34,15 @@ def _train(batch, accum):
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.05, layer_decay=0.75, eps=1e-3)
     seen = []
 
-    def set_lr(e):
-        seen.append(e)
-        opt.set_lr(1e-3 * (1 + e))
-        return opt.get_lr()
+    class Schedule:  # records the fractional epochs the engine asks for
+        def adjust(self, optimizer, e):
+            seen.append(e)
+            optimizer.set_lr(1e-3 * (1 + e))
+            return optimizer.get_lr()
 
     x, y = _data()
     criterion = build_loss("single_label", "ce", smoothing=0.1)
-    stats, steps = engine.train_one_epoch(model, criterion, _loader(x, y, batch), opt, 0, set_lr=set_lr,
+    stats, steps = engine.train_one_epoch(model, criterion, _loader(x, y, batch), opt, 0, schedule=Schedule(),
                                           accum_iter=accum)
     return model, seen, steps, stats
 
@@ -71,7 +72,7 @@ def test_without_accumulation_the_half_batches_differ():
 def test_clip_grad_scales_the_global_norm_before_adamw(clip):
     x, y = _data(4)
     probe = _model()
-    loss = engine.soft_cross_entropy(probe(paddle.to_tensor(x)), paddle.to_tensor(y))
+    loss = soft_cross_entropy(probe(paddle.to_tensor(x)), paddle.to_tensor(y))
     loss.backward()
     grads = {n: p.grad.numpy().copy() for n, p in probe.named_parameters() if p.grad is not None}
     gnorm = float(np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads.values())))
@@ -81,11 +82,22 @@ def test_clip_grad_scales_the_global_norm_before_adamw(clip):
     lr = 1e-3
     opt = build_optimizer(model, lr=lr, weight_decay=0.05, layer_decay=0.75)
     before = model.head.bias.numpy().copy()
-    engine.train_one_epoch(model, engine.soft_cross_entropy, _loader(x, y, 4), opt, 0,
-                           set_lr=lambda e: (opt.set_lr(lr), lr)[1], clip_grad=max_norm)
+    engine.train_one_epoch(model, soft_cross_entropy, _loader(x, y, 4), opt, 0,
+                           schedule=_Fixed(lr), clip_grad=max_norm)
     g = grads["head.bias"] * (1.0 if max_norm is None else max_norm / gnorm)
     expected = before - lr * g / (np.abs(g) + 1e-8)  # first AdamW step; head.bias: no decay, LR scale 1
     np.testing.assert_allclose(model.head.bias.numpy(), expected, rtol=1e-3, atol=1e-9)
+
+
+class _Fixed:
+    """A schedule that keeps the LR at ``lr``."""
+
+    def __init__(self, lr=1e-3):
+        self.lr = lr
+
+    def adjust(self, optimizer, e):
+        optimizer.set_lr(self.lr)
+        return self.lr
 
 
 def test_non_finite_loss_names_epoch_and_step():
@@ -94,5 +106,4 @@ def test_non_finite_loss_names_epoch_and_step():
     x, y = _data(8)
     x[4:] = np.nan
     with pytest.raises(engine.NonFiniteLossError, match=r"epoch 3, step 1"):
-        engine.train_one_epoch(model, engine.soft_cross_entropy, _loader(x, y, 4), opt, 3,
-                               set_lr=lambda e: 1e-3)
+        engine.train_one_epoch(model, soft_cross_entropy, _loader(x, y, 4), opt, 3, schedule=_Fixed())

@@ -16,14 +16,27 @@ import paddle
 import pytest
 
 from util.errors import UserError
-from util.lr_decay import OPTIMIZERS, build_optimizer, freeze_backbone, group_learning_rates, param_groups_lrd
-from util.lr_sched import adjust_learning_rate, effective_lr, lr_at
+from util.lr_decay import OPTIMIZERS, build_optimizer, freeze_backbone, param_groups_lrd
+from util.lr_sched import build_schedule, effective_lr, lr_at
 from util.outputs.checkpoint import load_optimizer_state_by_name, optimizer_state_by_name
 
 # Updates of torch's AdamW / Adam / SGD recorded by tools/make_sched_fixture.py
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'sched_reference.json')
 
 DIM, DEPTH = 4, 2
+
+
+def _group_learning_rates(optimizer):
+    """(group name, LR the group receives now) for every parameter group, read from what Paddle uses:
+    the optimizer's current LR times each parameter's ``optimize_attr['learning_rate']``."""
+    lr = float(optimizer.get_lr())
+    out = []
+    for i, group in enumerate(getattr(optimizer, '_param_groups', [])):
+        if not isinstance(group, dict) or not group['params']:
+            continue
+        scale = float(group['params'][0].optimize_attr.get('learning_rate', 1.0))
+        out.append((group.get('name', f'group_{i}'), lr * scale))
+    return out
 
 
 class _Block(paddle.nn.Layer):
@@ -147,11 +160,12 @@ def test_applied_group_lr_follows_schedule(default_dtype, rtol):
     assert model.head.weight.dtype == getattr(paddle, default_dtype)
     peak, min_lr, warmup, epochs, steps_per_epoch = 1e-3, 1e-5, 2, 6, 4
     opt = build_optimizer(model, lr=peak, weight_decay=0.05, layer_decay=0.75)
+    schedule = build_schedule('cosine', peak, min_lr, warmup, epochs)  # what the engine applies every iteration
     scales = {n: 0.75 ** (3 - EXPECTED[n][0]) for n in EXPECTED}
     checked = set()
     for it in range(epochs * steps_per_epoch):
         e = it / steps_per_epoch
-        lr = adjust_learning_rate(opt, e, peak, min_lr, warmup, epochs)
+        lr = schedule.adjust(opt, e)
         assert lr == lr_at(e, peak, min_lr, warmup, epochs)
         assert opt.get_lr() == pytest.approx(lr, rel=1e-7)
         _set_all(model, 0.0)
@@ -159,7 +173,7 @@ def test_applied_group_lr_follows_schedule(default_dtype, rtol):
         for name, p in model.named_parameters():
             expected = -lr * scales[name] / (1 + 1e-8)
             np.testing.assert_allclose(p.numpy(), expected, rtol=rtol, atol=1e-15, err_msg=f'{name} it {it}')
-        reported = dict(group_learning_rates(opt))
+        reported = dict(_group_learning_rates(opt))
         for name in EXPECTED:
             g = f"layer_{EXPECTED[name][0]}_{'decay' if EXPECTED[name][1] else 'no_decay'}"
             assert reported[g] == pytest.approx(lr * scales[name], rel=1e-7)
@@ -307,7 +321,7 @@ def test_optimizer_matches_torch(float64, opt, rtol):
                                 opt=opt, momentum=cfg['momentum'], backbone_lr_scale=cfg['backbone_lr_scale'])
     assert isinstance(optimizer, {'adamw': paddle.optimizer.AdamW, 'adam': paddle.optimizer.Adam,
                                   'sgd': paddle.optimizer.Momentum}[opt])
-    reported = dict(group_learning_rates(optimizer))
+    reported = dict(_group_learning_rates(optimizer))
     for p in params.values():
         group = f"layer_{p['layer']}_{'decay' if p['decay'] else 'no_decay'}"
         assert reported[group] == pytest.approx(cfg['base_lrs'][0] * p['scale'], rel=1e-7)

@@ -1,6 +1,9 @@
 """Regenerate tests/fixtures/convert/ with PyTorch itself (dev only; the tests never import torch).
 
-    /root/torchvenv/bin/python tools/make_convert_fixtures.py
+    TORCH_PYTHON tools/make_convert_fixtures.py     # from the repository root
+
+TORCH_PYTHON: the Python interpreter of an environment with PyTorch (and safetensors, timm); the toolkit's
+own environment needs none of them.
 
 Writes small files the way real checkpoints are written, and the values PyTorch itself reads back:
 

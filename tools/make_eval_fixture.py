@@ -26,7 +26,9 @@ here by the reference stack (torch, timm, torchvision, scikit-learn), never by t
 
 Regenerate (needs PyTorch + timm + torchvision + scikit-learn; the repo's Paddle venv has none of them):
 
-    cd /work/main && /root/torchvenv/bin/python tools/make_eval_fixture.py
+    TORCH_PYTHON tools/make_eval_fixture.py     # from the repository root
+
+TORCH_PYTHON: the Python interpreter of an environment with those packages.
 
 References: rmaphoh/RETFound_MAE ``models_vit.py``, ``util/datasets.py`` (build_transform),
 ``engine_finetune.py`` (evaluate), ``util/misc.py`` (save_model layout), ``util/lr_decay.py``
@@ -81,7 +83,7 @@ NB_CLASSES = len(CLASSES)
 # architecture of the toolkit's registered `vit_test` (models/vit.py)
 PATCH, DIM, DEPTH, HEADS = 16, 32, 2, 2
 SEED = 0
-COMMAND = "cd /work/main && /root/torchvenv/bin/python tools/make_eval_fixture.py"
+COMMAND = "TORCH_PYTHON tools/make_eval_fixture.py"   # from the repository root; see the module docstring
 
 
 # ----------------------------------------------------------------------------------------------- data

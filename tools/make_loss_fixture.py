@@ -17,7 +17,9 @@ ones overflow. Inputs are stored alongside the outputs.
 
 Regenerate with the PyTorch environment (torch + torchvision), not the Paddle one:
 
-    cd /work/main && /root/torchvenv/bin/python tools/make_loss_fixture.py
+    TORCH_PYTHON tools/make_loss_fixture.py     # from the repository root
+
+TORCH_PYTHON: the Python interpreter of that environment.
 
 References: PyTorch ``torch.nn.functional`` losses; torchvision ``ops/focal_loss.py``.
 """

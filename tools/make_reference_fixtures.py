@@ -20,7 +20,9 @@ Files written to ``tests/fixtures/vit_ref/`` (about 1.7 MB in total):
 
 Regenerate (needs PyTorch + timm; the repo's Paddle venv does not have them):
 
-    cd /work/main && /root/torchvenv/bin/python tools/make_reference_fixtures.py
+    TORCH_PYTHON tools/make_reference_fixtures.py     # from the repository root
+
+TORCH_PYTHON: the Python interpreter of an environment with PyTorch + timm.
 
 References: timm ``vision_transformer.py``; facebookresearch/mae ``main_finetune.py`` and
 ``util/pos_embed.py`` (``interpolate_pos_embed``).

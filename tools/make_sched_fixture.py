@@ -1,6 +1,9 @@
 """Regenerate tests/fixtures/sched_reference.json with PyTorch itself (dev only; the tests never import torch).
 
-    /root/torchvenv/bin/python tools/make_sched_fixture.py
+    TORCH_PYTHON tools/make_sched_fixture.py     # from the repository root
+
+TORCH_PYTHON: the Python interpreter of an environment with PyTorch; the toolkit's own environment does not
+need it.
 
 Two reference sets, both produced by torch, never by the toolkit:
 
@@ -160,7 +163,7 @@ def optimizers() -> dict:
 
 def main() -> None:
     data = {
-        'generated_by': 'tools/make_sched_fixture.py (/root/torchvenv/bin/python tools/make_sched_fixture.py)',
+        'generated_by': 'tools/make_sched_fixture.py (TORCH_PYTHON tools/make_sched_fixture.py)',
         'torch': torch.__version__, 'numpy': np.__version__, 'python': platform.python_version(),
         'schedules': schedules(),
         'optimizers': optimizers(),

@@ -2,7 +2,9 @@
 
 Run with the PyTorch environment (timm 1.0.x, torchvision), not the Paddle one:
 
-    /root/torchvenv/bin/python tools/make_transform_fixtures.py
+    TORCH_PYTHON tools/make_transform_fixtures.py     # from the repository root
+
+TORCH_PYTHON: the Python interpreter of that environment.
 
 Writes tests/fixtures/transforms/{eval,ops,randaugment,rrc,erasing,jitter}.npz (a few hundred kB in all).
 Every array is produced by timm/torchvision code; the inputs are stored alongside so the tests do not

@@ -11,10 +11,11 @@
 
 Run (from the repo root):
 
-    /root/torchvenv/bin/python tools/vit_large_parity.py [--workdir /tmp/vitl_parity] [--keep]
+    TORCH_PYTHON tools/vit_large_parity.py [--paddle-python PADDLE_PYTHON] [--workdir /tmp/vitl_parity] [--keep]
 
-The PyTorch side needs ``torch`` + ``timm``; the Paddle side runs as a subprocess with ``--paddle-python``
-(default /root/venv/bin/python) and never imports torch.
+The PyTorch side runs in the interpreter that starts the script (TORCH_PYTHON: a Python environment with
+``torch`` + ``timm``); the Paddle side runs as a subprocess with ``--paddle-python`` (the toolkit's
+environment; default: ``$PADDLE_PYTHON`` if set, else ``python`` on the PATH) and never imports torch.
 
 References: timm ``vision_transformer.py``; rmaphoh/RETFound_MAE ``models_vit.py``.
 """
@@ -94,7 +95,8 @@ def timed(cmd: list[str]) -> tuple[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="/tmp/vitl_parity")
-    ap.add_argument("--paddle-python", default="/root/venv/bin/python")
+    ap.add_argument("--paddle-python", default=os.environ.get("PADDLE_PYTHON", "python"),
+                    help="Python of the toolkit's (Paddle) environment (default: $PADDLE_PYTHON, else python)")
     ap.add_argument("--keep", action="store_true", help="keep the 1.2 GB checkpoints in --workdir")
     ap.add_argument("--paddle-side", metavar="WEIGHTS", help=argparse.SUPPRESS)
     a = ap.parse_args()

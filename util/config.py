@@ -20,6 +20,7 @@ import yaml
 
 from util.errors import UserError, close_matches
 from util.fileio import atomic_path
+from util.task_names import TASK_NAMES
 
 _LAUNCHER_NOTE = "accepted for compatibility with the reference launcher and ignored"
 
@@ -142,7 +143,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--mixup_mode', default='batch', choices=['batch', 'pair', 'elem'])
 
     g = p.add_argument_group('task, loss and model selection')
-    g.add_argument('--task_type', default='', choices=['', 'single_label', 'multi_label', 'regression'],
+    g.add_argument('--task_type', default='', choices=['', *TASK_NAMES],
                    help="override the dataset's task (e.g. single_label on a grading CSV); default: the dataset's")
     g.add_argument('--loss', default='auto', choices=['auto', 'ce', 'bce', 'focal', 'hybrid', 'smooth_l1', 'mse'],
                    help='auto: ce (single-label), bce (multi-label), smooth_l1 (regression); hybrid = 0.5 bce + '

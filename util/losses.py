@@ -35,8 +35,8 @@ import paddle
 import paddle.nn.functional as F
 
 from util.errors import UserError, close_matches
+from util.task_names import TASK_NAMES
 
-TASK_NAMES = ('single_label', 'multi_label', 'regression')
 REDUCTIONS = ('mean', 'sum', 'none')
 
 # task -> loss name -> factory(**options) -> (logits, target) -> per-element losses + how to reduce
@@ -457,3 +457,30 @@ def class_weights_from_labels(y, num_classes: int, class_names: Sequence[str] | 
 
 def _label(i: int, names: Sequence[str] | None) -> str:
     return f"{i} ({names[i]!r})" if names is not None and i < len(names) else str(i)
+
+
+def build_criterion(task, loss: str, *, train_set=None, nb_classes: int | None = None, smoothing: float = 0.0,
+                    class_weights: bool = False, pos_weight: bool = False, focal_alpha: float | None = None,
+                    focal_gamma: float | None = None, reduction: str = 'mean', say=print) -> Callable:
+    """The training loss of ``task`` (an ``engine_finetune.TaskSpec``) from ``--loss`` and its options; class
+    weights / pos_weight come from the training labels. A weighting option that does not apply to the task
+    (``task.loss_options``) is an error. ``reduction='none'`` gives the evaluation loss: the unweighted,
+    unsmoothed form of the same loss."""
+    options = dict(focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+    if reduction == 'none':
+        return build_loss(task.name, loss, reduction='none', **options)
+    if class_weights:
+        if 'class_weights' not in task.loss_options:
+            raise UserError(f"--class_weights: applies to single-label cross-entropy, not to {task.name} data; "
+                            "use --pos_weight for multi-label data or --balanced_sampler")
+        options['class_weights'] = class_weights_from_labels(train_set.targets, nb_classes)
+        say('class weights: ' + ', '.join(f'{c} {w:.3f}' for c, w in zip(train_set.class_names,
+                                                                            options['class_weights'])))
+    if pos_weight:
+        if 'pos_weight' not in task.loss_options:
+            raise UserError(f"--pos_weight: applies to multi-label BCE, not to {task.name} data; remove it "
+                            "(--class_weights weights single-label cross-entropy)")
+        options['pos_weight'] = pos_weight_from_labels(train_set.targets)
+        say('BCE pos_weight: ' + ', '.join(f'{c} {w:.3f}' for c, w in zip(train_set.class_names,
+                                                                             options['pos_weight'])))
+    return build_loss(task.name, loss, smoothing=smoothing if 'smoothing' in task.loss_options else 0.0, **options)

@@ -20,9 +20,9 @@ measured by ``tests/test_lr.py`` against updates recorded from torch (tests/fixt
 
 * A group's ``learning_rate`` is copied once into every parameter's ``optimize_attr['learning_rate']`` and
   multiplies the optimizer's current LR at every step. So the per-iteration LR must be changed with
-  ``optimizer.set_lr`` (util/lr_sched.py); editing the group dicts after construction does nothing (the
-  fault of an earlier port). Because the scale lives on the parameter, building a second optimizer over the
-  same parameters overwrites the first one's scales.
+  ``optimizer.set_lr`` (util/lr_sched.py); editing the group dicts after construction does nothing (training
+  would silently run at a constant LR). Because the scale lives on the parameter, building a second optimizer
+  over the same parameters overwrites the first one's scales.
 * ``AdamW``: a group's ``weight_decay`` float is that group's decoupled decay coefficient. Paddle writes the
   step as ``lr_t = lr_g * sqrt(1 - b2^t) / (1 - b1^t)`` with ``eps * sqrt(1 - b2^t)``: torch's number.
 * ``Adam``: the base optimizer turns a group's ``weight_decay`` *float* into ``param.regularizer =
@@ -179,16 +179,3 @@ def build_optimizer(model: paddle.nn.Layer, lr: float, weight_decay: float = 0.0
     if not groups:
         raise ValueError(f"build_optimizer: {type(model).__name__} has no trainable parameters")
     return OPTIMIZERS[opt](groups, float(lr), weight_decay, betas, eps, momentum)
-
-
-def group_learning_rates(optimizer: paddle.optimizer.Optimizer) -> list[tuple[str, float]]:
-    """(group name, LR the group receives now) for every parameter group, read from what Paddle uses:
-    the optimizer's current LR times each parameter's ``optimize_attr['learning_rate']``."""
-    lr = float(optimizer.get_lr())
-    out = []
-    for i, group in enumerate(getattr(optimizer, '_param_groups', [])):
-        if not isinstance(group, dict) or not group['params']:
-            continue
-        scale = float(group['params'][0].optimize_attr.get('learning_rate', 1.0))
-        out.append((group.get('name', f'group_{i}'), lr * scale))
-    return out

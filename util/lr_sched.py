@@ -3,11 +3,11 @@ and reduce-on-plateau.
 
 The engine asks for the LR before every optimizer step with the fractional epoch ``epoch + step /
 len(loader)`` and sets the optimizer's base LR with ``optimizer.set_lr``, which Paddle multiplies by each
-parameter group's fixed scale (util/lr_decay.py). (Writing the LR into the group dicts instead -- the earlier
-port's fault -- is ignored by Paddle and trains at a constant LR.)
+parameter group's fixed scale (util/lr_decay.py). (Writing the LR into the group dicts instead is ignored by
+Paddle and trains at a constant LR.)
 
 ``build_schedule(name, ...)`` returns a ``Schedule`` registered by name ('cosine', 'step', 'plateau'); the
-functions ``lr_at`` / ``adjust_learning_rate`` are the cosine schedule on its own. 'step' and 'plateau'
+function ``lr_at`` is the cosine schedule on its own. 'step' and 'plateau'
 reproduce torch's StepLR and ReduceLROnPlateau stepped once per epoch (tests/test_sched.py compares them with
 LRs recorded from torch by tools/make_sched_fixture.py), with an optional linear warmup in front.
 
@@ -48,14 +48,6 @@ def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: 
     if span <= 0 or epoch >= epochs:
         return min_lr
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / span))
-
-
-def adjust_learning_rate(optimizer: paddle.optimizer.Optimizer, epoch: float, lr: float, min_lr: float,
-                         warmup_epochs: float, epochs: float) -> float:
-    """Set the optimizer's LR to ``lr_at(epoch, ...)`` (per-group scales apply on top); return it."""
-    value = lr_at(epoch, lr, min_lr, warmup_epochs, epochs)
-    optimizer.set_lr(float(value))
-    return value
 
 
 # ------------------------------------------------------------------------------------------------------------

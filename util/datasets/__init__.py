@@ -15,6 +15,7 @@ from util.datasets.base import (
                                 DataOptions,
                                 RetinaDataset,
                                 build_dataset,
+                                build_splits,
                                 has_table_layout,
                                 list_dataset_formats,
                                 register_dataset_format,
@@ -23,5 +24,5 @@ from util.datasets.base import (
 from util.datasets.folder import ImageFolderDataset
 from util.datasets.npz import NpzDataset
 
-__all__ = ['EYE_MODES', 'SPLITS', 'TASKS', 'DataOptions', 'RetinaDataset', 'build_dataset', 'has_table_layout',
-           'list_dataset_formats', 'register_dataset_format', 'resolve_task', 'ImageFolderDataset', 'NpzDataset']
+__all__ = ['EYE_MODES', 'SPLITS', 'TASKS', 'DataOptions', 'RetinaDataset', 'build_dataset', 'build_splits',
+           'has_table_layout', 'list_dataset_formats', 'register_dataset_format', 'resolve_task', 'ImageFolderDataset', 'NpzDataset']

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import abc
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -35,9 +35,10 @@ from PIL import Image
 
 from util.errors import UserError, unknown_name_error
 from util.image_io import load_image
+from util.task_names import TASK_NAMES
 
 SPLITS = ('train', 'val', 'test')
-TASKS = ('single_label', 'multi_label', 'regression')
+TASKS = TASK_NAMES
 EYE_MODES = ('dual', 'per_eye')
 
 _FORMATS: dict[str, type] = {}
@@ -85,12 +86,6 @@ class DataOptions:
             raise UserError(f"--image_root {self.image_root}: not a directory (the folder the table's image paths "
                             f"are relative to); check the path")
         return self
-
-    def summary(self) -> str:
-        """The options that differ from the defaults, for a log line."""
-        default = DataOptions()
-        return ', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in fields(self)
-                         if getattr(self, f.name) != getattr(default, f.name)) or 'defaults'
 
 
 def register_dataset_format(name: str) -> Callable[[type], type]:
@@ -285,3 +280,28 @@ def has_table_layout(data_path: str) -> bool:
     """A directory holding ``train.csv`` (or .xlsx/.xls): the table formats' layout, not class folders."""
     return os.path.isdir(data_path) and any(os.path.isfile(os.path.join(data_path, f'train{ext}'))
                                             for ext in ('.csv', '.xlsx', '.xls'))
+
+
+def build_splits(data_path: str, splits, nb_classes: int | None = None, fmt: str | None = None,
+                 options: DataOptions | None = None, say=print) -> dict:
+    """``build_dataset`` for each of ``splits``, checked against each other (same classes and task), with each
+    split's description, notes and missing-class warnings said once."""
+    datasets = {split: build_dataset(split, data_path, None, nb_classes=nb_classes, fmt=fmt, options=options)
+                for split in splits}
+    first = datasets[splits[0]]
+    class_names = list(first.class_names)
+    said = set()
+    for split, ds in datasets.items():
+        if list(ds.class_names) != class_names or ds.task != first.task:
+            raise UserError(f"{data_path}/{split}: classes {list(ds.class_names)} ({ds.task}) differ from "
+                            f"{splits[0]}'s {class_names} ({first.task}); use the same classes in every split")
+        say(ds.describe())
+        for note in getattr(ds, "notes", []):
+            if note not in said:  # the splits of one table share their notes
+                said.add(note)
+                say(f"note: {note}")
+        missing = [c for c, n in zip(ds.class_names, ds.class_counts()) if n == 0]
+        if missing and split != "train":
+            say(f"warning: {split} split has no {'positive ' if ds.task == 'multi_label' else ''}images of "
+                f"class(es) {missing}: their AUROC is undefined (NaN) on it")
+    return datasets

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import sys
 import threading
@@ -16,6 +17,8 @@ import threading
 import numpy as np
 import paddle
 
+from util.datasets.samplers import WeightedBatchSampler, balanced_sample_weights
+from util.distributed import ShardSampler
 from util.errors import UserError
 
 
@@ -98,3 +101,39 @@ class BatchLoader:
             raise UserError(f"{self.name}: a data loader worker failed: {_worker_message(captured, exc)}") from None
         finally:
             threading.excepthook = previous
+
+
+class WorkerSeeder:
+    """``worker_init_fn`` giving every DataLoader worker its own seed for ``random`` and numpy (the
+    augmentations draw from both); ``base`` is set before each epoch so epochs differ."""
+
+    def __init__(self, base: int = 0):
+        self.base = base
+
+    def __call__(self, worker_id: int) -> None:
+        seed = (self.base + 7919 * (worker_id + 1)) % (2**32)
+        random.seed(seed)
+        np.random.seed(seed)
+
+
+def build_loaders(datasets: dict, batch_size: int, num_workers: int, seed: int, rank: int, world: int,
+                  balanced: bool = False) -> tuple[dict, dict]:
+    """A ``BatchLoader`` per split (train: shuffled or balanced and sharded, last partial batch dropped;
+    val/test: sharded without padding, in order) and the train seeders; returns (loaders, seeders)."""
+    loaders, seeders = {}, {}
+    for split, ds in datasets.items():
+        seeder = WorkerSeeder(seed)
+        if split == "train" and balanced:
+            # the same weighted stream on every rank (seeded by --seed and the epoch), then sharded
+            sampler = WeightedBatchSampler(balanced_sample_weights(ds), batch_size, num_replicas=world, rank=rank,
+                                           drop_last=True, seed=seed - rank)
+        elif split == "train":
+            sampler = paddle.io.DistributedBatchSampler(ds, batch_size=batch_size, num_replicas=world, rank=rank,
+                                                        shuffle=True, drop_last=True)
+        else:
+            sampler = paddle.io.BatchSampler(sampler=ShardSampler(len(ds), rank, world), batch_size=batch_size,
+                                             drop_last=False)
+        loaders[split] = BatchLoader(ds, sampler, num_workers=num_workers,
+                                     worker_init_fn=seeder if num_workers > 0 else None, name=f"{split} split")
+        seeders[split] = seeder
+    return loaders, seeders

@@ -10,7 +10,7 @@ the validation split) the ``*_tuned`` variants. Quadratic kappa weighs disagreem
 distance over the full range 0..G-1 (scikit-learn ``cohen_kappa_score(weights='quadratic',
 labels=range(G))``), so a grade missing from a split does not shrink the distances.
 
-Total functions (CONVENTIONS principle 9): undefined kappas are NaN with one ``MetricWarning``; any
+Total functions (data a metric cannot score gives NaN and a warning, never an exception): undefined kappas are NaN with one ``MetricWarning``; any
 non-finite output (a diverged model) makes every metric NaN with one warning.
 
 ``optimise_thresholds_qwk`` is coordinate ascent: each cut in turn moves to the position, among all

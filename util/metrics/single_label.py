@@ -7,16 +7,17 @@ one-vs-rest AUROC on the class probabilities; ``score = (f1 + roc_auc + kappa) /
 score. Two additions: ``kappa_quadratic`` (quadratic-weighted kappa over the full label range 0..K-1) and
 per-class AUROC / AP.
 
-Where the reference crashes, these functions do not (CONVENTIONS principle 9). A class with no positive
-(or no negative) sample in ``y_true`` has no AUROC; a class with no positive sample has no average
-precision. There the reference's ``roc_auc_score`` raises (older scikit-learn) or returns NaN with a warning
-(recent scikit-learn); scikit-learn's ``average_precision_score`` silently counts such a class as 0. Here the per-class value is NaN and the macro value is NaN too (a macro
-over a subset of the classes would not be comparable between evaluations), with exactly one
-``MetricWarning`` naming the classes, also returned in ``notes``. ``score`` is then NaN as well; model
-selection must rank a NaN score below every number -- use ``selection_value``. The per-class arrays let a
-caller report the classes that are defined. Fewer than two classes or no samples give NaN everywhere (one
-warning). Non-finite probabilities (a diverged model) make the probability-based metrics NaN (one warning);
-the argmax-based ones are computed with non-finite entries treated as -inf.
+Where the reference crashes, these functions do not: they are total functions (data a metric cannot score
+gives NaN and a warning, never an exception). A class with no positive (or no negative) sample in ``y_true``
+has no AUROC; a class with no positive sample has no average precision. There the reference's
+``roc_auc_score`` raises (older scikit-learn) or returns NaN with a warning (recent scikit-learn);
+scikit-learn's ``average_precision_score`` silently counts such a class as 0. Here the per-class value is NaN
+and the macro value is NaN too (a macro over a subset of the classes would not be comparable between
+evaluations), with exactly one ``MetricWarning`` naming the classes, also returned in ``notes``. ``score`` is
+then NaN as well; model selection must rank a NaN score below every number -- use ``selection_value``. The
+per-class arrays let a caller report the classes that are defined. Fewer than two classes or no samples give
+NaN everywhere (one warning). Non-finite probabilities (a diverged model) make the probability-based metrics
+NaN (one warning); the argmax-based ones are computed with non-finite entries treated as -inf.
 
 References: RETFound_MAE engine_finetune.evaluate (rmaphoh/RETFound_MAE); scikit-learn metric definitions.
 """

@@ -161,3 +161,12 @@ def check_resume_compatible(saved_meta: dict, meta: dict, path: str) -> None:
         raise UserError(f"{path}: cannot resume, the run differs from the checkpoint's ("
                         + "; ".join(diffs) + "); resume with the original settings or start a new run "
                         "(use --finetune to start from its weights)")
+
+
+def check_eval_classes(saved_meta: dict, class_names, data_path: str, path: str) -> None:
+    """--eval on data whose classes are not the checkpoint's would score outputs under the wrong names."""
+    saved = saved_meta.get("class_names")
+    if saved is not None and list(saved) != list(class_names):
+        raise UserError(f"{path}: the checkpoint was trained on classes {list(saved)} but the data at "
+                        f"{data_path} has {list(class_names)} (the metrics would pair outputs with the wrong "
+                        "classes); rename the class folders / label columns to the checkpoint's names, in its order")

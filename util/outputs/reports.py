@@ -83,7 +83,7 @@ def write_test_report(run_dir: str, task, stats: dict, y_true: np.ndarray, outpu
 
     fixed = task.predict(outputs, nb_classes, None)
     tuned = task.predict(outputs, nb_classes, thresholds) if thresholds is not None else None
-    if fixed.ndim == 2:  # one 0/1 column per label
+    if task.per_label:  # one 0/1 column per label
         p = save_multilabel_confusion_png(y_true, fixed, class_names,
                                           os.path.join(run_dir, "confusion_matrix_test.png"),
                                           "Test confusion per label (threshold 0.5)")
@@ -108,24 +108,9 @@ def write_test_report(run_dir: str, task, stats: dict, y_true: np.ndarray, outpu
     path = os.path.join(run_dir, "predictions_test.csv")
     with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf8") as f:
         w = csv.writer(f)
-        if fixed.ndim == 2:
-            head = ([f"label_{c}" for c in class_names] + [f"prob_{c}" for c in class_names]
-                    + [f"pred_{c}" for c in class_names]
-                    + ([f"pred_tuned_{c}" for c in class_names] if tuned is not None else []))
-        elif outputs.shape[1] == 1:  # a continuous grade
-            head = ["label", "output", "prediction"] + (["prediction_tuned"] if tuned is not None else [])
-        else:
-            head = ["label", "prediction"] + [f"prob_{c}" for c in class_names]
-        w.writerow(["index", "file"] + head)
+        w.writerow(["index", "file"] + task.table_columns(class_names, tuned is not None))
         for i in range(len(y_true)):
-            if fixed.ndim == 2:
-                cells = ([int(v) for v in y_true[i]] + [f"{v:.6f}" for v in outputs[i]] + [int(v) for v in fixed[i]]
-                         + ([int(v) for v in tuned[i]] if tuned is not None else []))
-            elif outputs.shape[1] == 1:
-                cells = [_fmt(float(y_true[i])), f"{outputs[i, 0]:.6f}", int(fixed[i])] + \
-                        ([int(tuned[i])] if tuned is not None else [])
-            else:
-                cells = [int(y_true[i]), int(fixed[i])] + [f"{v:.6f}" for v in outputs[i]]
+            cells = task.table_row(y_true[i], outputs[i], fixed[i], None if tuned is None else tuned[i])
             w.writerow([i, display_path(dataset.sample_id(i))] + cells)
     written.append(path)
     return written

@@ -16,7 +16,7 @@ The geometry is the single-view 'basic' policy's: Resize(int(S / crop_pct), shor
 Randomness comes from Python's ``random`` in a fixed order per pair (left crop, right crop, hflip coin,
 vflip coin, slot-0 angle, slot-1 angle, jitter), so seeding makes it reproducible.
 
-References: REFERENCE.md section 3 (ODIR-5K dual-eye ResNet-50 seed: paired augmentation).
+References: the ODIR-5K dual-eye ResNet-50 seed system (README.md, Seed systems): paired augmentation.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ cameras; cropping the frame away before resizing gives every image the same reti
 - ``FundusReader``: path -> preprocessed RGB image, optionally cached on disk as lossless PNG so the
   expensive decode + crop of multi-megapixel originals happens once, not every epoch.
 
-References: REFERENCE.md section 3 (ODIR-5K ResNet-50 and DR-regression seeds); Ben Graham's
+References: the ODIR-5K ResNet-50 and DR-regression seed systems (README.md, Seed systems); Ben Graham's
 ``crop_image_from_gray`` (Kaggle DR 2015 / APTOS 2019 kernels: bounding box of pixels above a grey
 tolerance), made robust to isolated bright pixels and to text burnt into the border.
 """

@@ -24,7 +24,7 @@ The image operations themselves (crops, flips, rotation, colour jitter, resize, 
 ``util/transforms/ops.py``.
 
 References: timm ``timm/data/transforms_factory.py`` (random erasing: ``util/transforms/random_erasing.py``); RETFound
-``util/datasets.py``; the seed systems of REFERENCE.md section 3.
+``util/datasets.py``; the CNN seed systems (README.md, Seed systems).
 """
 from __future__ import annotations
 

@@ -1,0 +1,198 @@
+"""The training run around the engine: optimizer, schedule and loss scaler (``build_training``), resuming their
+state (``restore_training``) and the epoch loop with validation, model selection and checkpoints (``fit``).
+
+Everything comes in as explicit values: ``FitOptions`` (frozen) holds the settings of the loop; the
+recorder writes every file. References: RETFound_MAE / MAE ``main_finetune.py`` (the epoch loop, best
+checkpoint by the validation score, the test on the best checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import paddle
+
+import engine_finetune as engine
+from models.pretrained import load_state_dict_strict
+from util import distributed as D
+from util.errors import UserError
+from util.lr_decay import build_optimizer
+from util.lr_sched import Schedule, build_schedule, effective_lr
+from util.outputs.checkpoint import load_checkpoint, load_optimizer_state_by_name, set_rng_state
+from util.outputs.reports import format_per_class
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """The settings of a training run (the CLI flags of the same names)."""
+    epochs: int
+    batch_size: int
+    accum_iter: int = 1
+    blr: float = 5e-3
+    lr: float | None = None
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    opt: str = "adamw"
+    momentum: float = 0.9
+    backbone_lr_scale: float = 1.0
+    sched: str = "cosine"
+    step_size: int = 10
+    step_gamma: float = 0.1
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
+    plateau_metric: str = ""
+    val_metric: str = "score"
+    tune_thresholds: bool | None = None
+    clip_grad: float | None = None
+    start_epoch: int = 0
+    print_freq: int = 20
+    per_class_report: bool = False
+    seed: int = 0
+    data_path: str = ""
+    info: dict = field(default_factory=dict)  # written to run_info.json
+
+
+@dataclass
+class Training:
+    """What the loop updates: optimizer, LR schedule, loss scaler (float16 AMP only) and the peak LR."""
+    optimizer: paddle.optimizer.Optimizer
+    schedule: Schedule
+    scaler: object | None
+    lr: float
+    plateau_metric: str
+    tune: bool
+
+
+def build_training(model, task, opts: FitOptions, amp, say) -> Training:
+    world = D.get_world_size()
+    lr = effective_lr(opts.blr, opts.lr, opts.batch_size, opts.accum_iter, world)
+    say(f"base lr: {lr * 256 / (opts.batch_size * opts.accum_iter * world):.2e}  actual lr: {lr:.2e}  "
+        f"effective batch size: {opts.batch_size * opts.accum_iter * world} "
+        f"(batch {opts.batch_size} x accum {opts.accum_iter} x {world} process(es))")
+    optimizer = build_optimizer(model, lr, weight_decay=opts.weight_decay, layer_decay=opts.layer_decay,
+                                opt=opts.opt, momentum=opts.momentum, backbone_lr_scale=opts.backbone_lr_scale)
+    plateau_metric = task.check_metric(opts.plateau_metric or opts.val_metric, "--plateau_metric")
+    schedule = build_schedule(opts.sched, lr, opts.min_lr, opts.warmup_epochs, opts.epochs, step_size=opts.step_size,
+                              step_gamma=opts.step_gamma, plateau_factor=opts.plateau_factor,
+                              plateau_patience=opts.plateau_patience,
+                              plateau_mode="min" if plateau_metric in task.minimize else "max")
+    say(f"optimizer {opts.opt}, schedule: {schedule.describe()}"
+        + (f" on val {plateau_metric}" if opts.sched == "plateau" else "")
+        + (f", backbone LR x{opts.backbone_lr_scale}" if opts.backbone_lr_scale != 1 else ""))
+    scaler = None
+    if amp.enabled and amp.dtype == "float16":
+        scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**16)  # dynamic loss scaling, GPU only
+    tune = task.tune_by_default if opts.tune_thresholds is None else bool(opts.tune_thresholds)
+    if tune and task.tune is None:
+        raise UserError(f"--tune_thresholds: {task.name} predictions have no decision thresholds to tune "
+                        "(argmax); remove the flag")
+    return Training(optimizer, schedule, scaler, lr, plateau_metric, tune)
+
+
+@dataclass
+class RunState:
+    """Where the run stands: the next epoch and the best so far."""
+    start_epoch: int
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    best_thresholds: list | None = None
+
+
+def restore_training(state: dict | None, training: Training, model, opts: FitOptions, say) -> RunState:
+    """Load optimizer, scaler, schedule and RNG state from a resumed checkpoint (``None``: a new run)."""
+    if state is None:
+        return RunState(opts.start_epoch)
+    if "optimizer" in state:
+        load_optimizer_state_by_name(training.optimizer, model, state["optimizer"])
+    if training.scaler is not None and state.get("scaler"):
+        training.scaler.load_state_dict(state["scaler"])
+    if state.get("schedule"):
+        training.schedule.load_state_dict(state["schedule"])
+    run = RunState(int(state["epoch"]) + 1, float(state.get("best_score", -math.inf)),
+                   int(state.get("best_epoch", -1)), state.get("best_thresholds"))
+    if "rng" in state and D.get_world_size() == 1:
+        set_rng_state(state["rng"])
+    say(f"Resuming at epoch {run.start_epoch} (best val {opts.val_metric} so far at epoch {run.best_epoch})")
+    return run
+
+
+def check_steps(steps_per_epoch: int, n_images: int, opts: FitOptions, say) -> None:
+    world = D.get_world_size()
+    if steps_per_epoch == 0:
+        raise UserError(f"{opts.data_path}/train: {n_images} images are fewer than one batch "
+                        f"(batch_size {opts.batch_size} x {world} process(es), last partial batch dropped); "
+                        "lower --batch_size or add images")
+    if opts.accum_iter > steps_per_epoch:
+        raise UserError(f"--accum_iter {opts.accum_iter}: more than the {steps_per_epoch} batches of an epoch (the "
+                        "model would never be updated: the optimizer steps once every accum_iter batches and the "
+                        f"count restarts each epoch); pass --accum_iter {steps_per_epoch} or less, or a smaller "
+                        "--batch_size")
+    if steps_per_epoch % opts.accum_iter:
+        say(f"warning: --accum_iter {opts.accum_iter} does not divide the {steps_per_epoch} batches of an epoch: the "
+            f"last {steps_per_epoch % opts.accum_iter} batch(es) of each epoch add gradients that no optimizer "
+            "step uses (as in the reference); pick an --accum_iter that divides it to use every batch")
+
+
+def fit(model, bare_model, loaders: dict, seeders: dict, task, nb_classes: int, class_names: list, *, criterion,
+        eval_loss, amp, logger, recorder, opts: FitOptions, resume_state: dict | None, say):
+    """Train with per-epoch validation and checkpoints; leaves the best checkpoint's weights in the model and
+    returns the decision thresholds tuned on validation at that epoch (``None`` when not tuned)."""
+    training = build_training(bare_model, task, opts, amp, say)
+    run = restore_training(resume_state, training, bare_model, opts, say)
+    if logger.enabled:
+        with open(os.path.join(recorder.run_dir, "run_info.json"), "w", encoding="utf8") as f:
+            json.dump({"effective_lr": training.lr, "tune_thresholds": training.tune,
+                       "plateau_metric": training.plateau_metric, **opts.info}, f, indent=2)
+    steps_per_epoch = len(loaders["train"])
+    check_steps(steps_per_epoch, len(loaders["train"].dataset), opts, say)
+    global_step = run.start_epoch * (steps_per_epoch // opts.accum_iter)
+    headline = list(task.headline)
+    if opts.val_metric not in headline:
+        headline.append(opts.val_metric)
+    say(f"Start training for {opts.epochs} epochs ({steps_per_epoch} steps each), best checkpoint by val "
+        f"{opts.val_metric} -> {recorder.run_dir}")
+    t0 = time.time()
+    for epoch in range(run.start_epoch, opts.epochs):
+        loaders["train"].batch_sampler.set_epoch(epoch)
+        seeders["train"].base = opts.seed * 100003 + epoch * 7
+        train_stats, global_step = engine.train_one_epoch(
+            model, criterion, loaders["train"], training.optimizer, epoch, schedule=training.schedule,
+            accum_iter=opts.accum_iter, clip_grad=opts.clip_grad, scaler=training.scaler, amp=amp, logger=logger,
+            print_freq=opts.print_freq, global_step=global_step)
+        val_stats, _, _ = engine.evaluate(model, loaders["val"], task, nb_classes, loss_fn=eval_loss,
+                                          tune=training.tune, class_names=class_names, amp=amp, header="Val",
+                                          print_freq=opts.print_freq)
+        training.schedule.epoch_end(epoch, val_stats.get(training.plateau_metric))
+        score = task.selection_value(val_stats, opts.val_metric)
+        improved = score > run.best_score or run.best_epoch < 0  # the first epoch is kept even if NaN
+        if improved:
+            run.best_score, run.best_epoch = score, epoch
+            run.best_thresholds = val_stats.get("thresholds")
+        say(f"Epoch {epoch}: train loss {train_stats['loss']:.4f}, val loss {val_stats['val_loss']:.4f}, " +
+            ", ".join(f"{k} {val_stats[k]:.4f}" for k in headline) +
+            (" (best)" if improved else f" (best {opts.val_metric} at epoch {run.best_epoch})"))
+        if opts.per_class_report:
+            say(format_per_class(val_stats.get("per_class", [])))
+        recorder.epoch(epoch, train_stats, val_stats, opts.info["n_parameters"])
+        recorder.checkpoints(epoch, model=bare_model, optimizer=training.optimizer, scaler=training.scaler,
+                             schedule=training.schedule, val_stats=val_stats, val_metric=opts.val_metric,
+                             improved=improved, best_score=run.best_score, best_epoch=run.best_epoch,
+                             best_thresholds=run.best_thresholds)
+        D.barrier()
+    say(f"Training time {time.time() - t0:.0f}s; best val {opts.val_metric} at epoch {run.best_epoch}")
+    recorder.curves(run.best_epoch, headline)
+
+    # the test runs once, on the best checkpoint, with the thresholds tuned at that epoch
+    best_path = recorder.path("checkpoint-best.pdparams")
+    if best_path and os.path.isfile(best_path):
+        state = load_checkpoint(best_path)
+        load_state_dict_strict(bare_model, state["model"], best_path)
+        say(f"Test on the best checkpoint (epoch {run.best_epoch})")
+        return state.get("thresholds")
+    say("Test on the final weights (no best checkpoint was saved: --no-savemodel or no output folder)")
+    return run.best_thresholds
