@@ -92,7 +92,7 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
 
     import engine_finetune as engine
     from models import create_model
-    from models.pretrained import load_weights
+    from models.pretrained import load_weights, resolve_weights
     from util import distributed as D
     from util.config import save_config
     from util.datasets import build_splits
@@ -108,6 +108,8 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
     from util.transforms.assemble import attach_transforms, build_reader
 
     main_proc, world = D.get_rank() == 0, D.get_world_size()
+    if cfg.finetune and not cfg.resume:
+        resolve_weights(cfg.finetune, cfg.weights_dir)  # missing weights fail now, not after the data and the model
     # data first: nb_classes and the task come from it
     datasets = build_splits(cfg.data_path, ["test"] if cfg.eval else ["train", "val", "test"], cfg.nb_classes,
                             cfg.data_format or None, data_options(cfg), say)

@@ -1,4 +1,4 @@
-"""Write the PyTorch-reference fixture for ``tests/test_eval_parity.py`` (dev-only).
+"""Write the PyTorch-reference fixture for ``tests/e2e/test_eval_parity.py`` (dev-only).
 
 The fixture checks end to end that ``main_finetune.py --eval --resume <fine-tuned RETFound .pth>`` gives the
 numbers the PyTorch reference computes for the same checkpoint and images. Everything in it is produced

@@ -4,7 +4,7 @@
 
 For each ``configs/<name>.yaml`` the file stores ``config_to_dict(resolve_config(['--config', path]))`` (parser
 defaults under the preset, no command-line flags; the ``config`` path itself is left out), keyed by the file
-name. tests/test_config.py checks that every preset still resolves to exactly these values (same keys, values
+name. tests/unit/test_config.py checks that every preset still resolves to exactly these values (same keys, values
 and types), so a preset can be shortened or reformatted without changing what a run gets. Regenerate only when
 a preset's resolved values are meant to change, and review the diff.
 """

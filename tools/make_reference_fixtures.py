@@ -1,4 +1,4 @@
-"""Write the PyTorch-reference fixtures used by tests/test_vit.py and tests/test_pretrained.py (dev-only).
+"""Write the PyTorch-reference fixtures used by tests/unit/test_vit.py and tests/unit/test_pretrained.py (dev-only).
 
 The reference is timm's ``VisionTransformer`` in the RETFound configuration (qkv bias, LayerNorm eps 1e-6,
 ``global_pool='avg'`` with ``fc_norm`` so the encoder norm is absent; or ``global_pool='token'`` with the

@@ -16,7 +16,7 @@ Two reference sets, both produced by torch, never by the toolkit:
   infinite ``best`` as the string ``'-inf'`` / ``'inf'`` (the file is strict JSON).
 * ``optimizers``: two or three steps of ``torch.optim.AdamW``, ``Adam`` (weight decay as L2) and ``SGD``
   (momentum 0.9, dampening 0, no Nesterov, weight decay as L2) in float64 over the parameters of the tiny
-  ViT-shaped model of tests/test_lr.py (names and shapes below), one torch parameter group per parameter
+  ViT-shaped model of tests/unit/test_lr.py (names and shapes below), one torch parameter group per parameter
   with ``lr = base_lr * scale``. The scale is the reference rule written out here:
   ``layer_decay ** (num_layers - layer)``, times ``backbone_lr_scale`` for ``layer < num_layers``; 1-D
   parameters and ``cls_token``/``pos_embed`` get weight decay 0. Gradients are given (``p.grad = G_t``),
@@ -111,7 +111,7 @@ def schedules() -> list[dict]:
     ]
 
 
-# The tiny ViT of tests/test_lr.py: (name, shape, layer id, weight decay?) with DIM 4, DEPTH 2, 3 classes.
+# The tiny ViT of tests/unit/test_lr.py: (name, shape, layer id, weight decay?) with DIM 4, DEPTH 2, 3 classes.
 NUM_LAYERS = 3
 PARAMS = [
     ('cls_token', [1, 1, 4], 0, False), ('pos_embed', [1, 3, 4], 0, False),

@@ -1,4 +1,4 @@
-"""Write the reference fixtures for tests/test_transforms.py from timm + torchvision.
+"""Write the reference fixtures for tests/unit/test_transforms.py from timm + torchvision.
 
 Run with the PyTorch environment (timm 1.0.x, torchvision), not the Paddle one:
 

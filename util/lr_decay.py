@@ -16,7 +16,7 @@ Optimizers (``build_optimizer(opt=...)``), each with torch's update rule:
   ``p <- p - lr_g * v`` (the first step's ``v`` is the gradient itself, as torch's).
 
 Paddle specifics, checked against paddle 3.3.1 (``paddle/optimizer/{optimizer,adam,adamw,momentum}.py``) and
-measured by ``tests/test_lr.py`` against updates recorded from torch (tests/fixtures/sched_reference.json):
+measured by ``tests/unit/test_lr.py`` against updates recorded from torch (tests/fixtures/sched_reference.json):
 
 * A group's ``learning_rate`` is copied once into every parameter's ``optimize_attr['learning_rate']`` and
   multiplies the optimizer's current LR at every step. So the per-iteration LR must be changed with

@@ -8,7 +8,7 @@ Paddle and trains at a constant LR.)
 
 ``build_schedule(name, ...)`` returns a ``Schedule`` registered by name ('cosine', 'step', 'plateau'); the
 function ``lr_at`` is the cosine schedule on its own. 'step' and 'plateau'
-reproduce torch's StepLR and ReduceLROnPlateau stepped once per epoch (tests/test_sched.py compares them with
+reproduce torch's StepLR and ReduceLROnPlateau stepped once per epoch (tests/unit/test_sched.py compares them with
 LRs recorded from torch by tools/make_sched_fixture.py), with an optional linear warmup in front.
 
 References: facebookresearch/mae util/lr_sched.py; RETFound_MAE main_finetune.py (effective LR rule);

@@ -12,8 +12,8 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT
 from fixtures_data import make_eye_folders, make_grading_csv, make_multilabel_csv, make_odir_table
+from helpers import ROOT
 
 pytestmark = pytest.mark.slow
 

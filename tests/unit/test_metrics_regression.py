@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from conftest import call_quietly, call_with_one_warning
+from helpers import call_quietly, call_with_one_warning
 from util.metrics import MetricWarning
 from util.metrics.regression import (
     CUT_RESOLUTION,

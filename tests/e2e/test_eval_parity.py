@@ -20,9 +20,9 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from helpers import FIXTURES, run_cli
 
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "eval_ref")
+FIXTURE = os.path.join(FIXTURES, "eval_ref")
 CKPT = os.path.join(FIXTURE, "checkpoint-best.pth")
 PROB_TOL = 1e-4        # predictions_test.csv stores 6 decimals
 AUROC_TOL = 1e-5       # the requirement is 1e-3; it holds much tighter

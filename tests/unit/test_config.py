@@ -6,6 +6,7 @@ import shlex
 import pytest
 import yaml
 
+from helpers import FIXTURES, ROOT
 from util.config import config_to_dict, get_args_parser, load_yaml_preset, resolve_config, save_config
 from util.errors import UserError
 
@@ -209,10 +210,10 @@ def test_every_flag_is_settable_from_yaml(tmp_path):
     assert set(load_yaml_preset(saved)) == dests
 
 
-@pytest.mark.parametrize('preset', sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), '..',
+@pytest.mark.parametrize('preset', sorted(f for f in os.listdir(os.path.join(ROOT,
                                                                              'configs')) if f.endswith('.yaml')))
 def test_shipped_presets_resolve(preset):
-    path = os.path.join(os.path.dirname(__file__), '..', 'configs', preset)
+    path = os.path.join(ROOT, 'configs', preset)
     cfg = resolve_config(['--config', path])
     assert cfg.data_path
 
@@ -225,10 +226,10 @@ def test_parser_help_mentions_launcher_note(capsys):
 
 
 # ------------------------------------------------------------------------------------------------ shipped presets
-CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
+CONFIGS = os.path.join(ROOT, 'configs')
 PRESETS = sorted(f for f in os.listdir(CONFIGS) if f.endswith('.yaml'))
 # resolved values of every preset, recorded by tools/make_presets_fixture.py
-RESOLVED = os.path.join(os.path.dirname(__file__), 'fixtures', 'presets_resolved.json')
+RESOLVED = os.path.join(FIXTURES, 'presets_resolved.json')
 
 
 def _keys_at_default(path):

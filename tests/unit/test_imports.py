@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 import os
 
-from conftest import ROOT
+from helpers import ROOT
 
 PACKAGES = ("util", "models")
 SCRIPTS = ("main_finetune.py", "engine_finetune.py", "predict.py")

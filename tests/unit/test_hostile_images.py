@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_class_folders
 from fixtures_data import make_eye_folders, make_paired_csv
+from helpers import make_class_folders
 from util.datasets import DataOptions, build_dataset
 from util.errors import UserError
 from util.image_check import (

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY_ARGS, make_class_folders, run_cli
+from helpers import ROOT, TINY_ARGS, make_class_folders, run_cli
 
 
 def launch(args, log_dir, timeout=600):

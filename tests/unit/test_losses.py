@@ -9,6 +9,7 @@ import numpy as np
 import paddle
 import pytest
 
+from helpers import FIXTURES
 from util.errors import UserError
 from util.losses import (
     AUTO_LOSS,
@@ -21,7 +22,7 @@ from util.losses import (
     soft_cross_entropy,
 )
 
-REF = np.load(os.path.join(os.path.dirname(__file__), 'fixtures', 'loss_reference.npz'))
+REF = np.load(os.path.join(FIXTURES, 'loss_reference.npz'))
 RTOL, ATOL = 1e-5, 1e-6
 
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from fixtures_data import make_eye_folders, make_grading_csv, make_multilabel_csv, make_odir_table
+from helpers import ROOT
 from util.datasets import (
     DataOptions,
     ImageFolderDataset,
@@ -21,7 +22,7 @@ from util.datasets import (
 from util.errors import UserError
 from util.transforms import build_transform
 
-RETINAMNIST = os.path.join(os.path.dirname(__file__), '..', 'data', 'retinamnist.npz')
+RETINAMNIST = os.path.join(ROOT, 'data', 'retinamnist.npz')
 
 
 def write_image(path, size=(12, 10), colour=(10, 20, 30), fmt=None):

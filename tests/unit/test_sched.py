@@ -9,10 +9,11 @@ import os
 import paddle
 import pytest
 
+from helpers import FIXTURES
 from util.errors import UserError
 from util.lr_sched import PlateauSchedule, Schedule, build_schedule, lr_at
 
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'sched_reference.json')
+FIXTURE = os.path.join(FIXTURES, 'sched_reference.json')
 with open(FIXTURE, encoding='utf8') as _f:
     CASES = json.load(_f)['schedules']
 STEP_CASES = [c for c in CASES if c['kind'] == 'step']

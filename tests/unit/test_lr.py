@@ -15,13 +15,14 @@ import numpy as np
 import paddle
 import pytest
 
+from helpers import FIXTURES
 from util.errors import UserError
 from util.lr_decay import OPTIMIZERS, build_optimizer, freeze_backbone, param_groups_lrd
 from util.lr_sched import build_schedule, effective_lr, lr_at
 from util.outputs.checkpoint import load_optimizer_state_by_name, optimizer_state_by_name
 
 # Updates of torch's AdamW / Adam / SGD recorded by tools/make_sched_fixture.py
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'sched_reference.json')
+FIXTURE = os.path.join(FIXTURES, 'sched_reference.json')
 
 DIM, DEPTH = 4, 2
 
@@ -228,7 +229,7 @@ def test_adamw_matches_torch_formula_on_varying_gradients():
 def test_build_optimizer_options():
     model = TinyViT()
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.05, layer_decay=0.65)
-    # no per-group clipping by Paddle: the engine clips the global norm (tests/test_engine.py)
+    # no per-group clipping by Paddle: the engine clips the global norm (tests/unit/test_engine.py)
     assert opt._grad_clip is None
     assert opt._beta1 == 0.9 and opt._beta2 == 0.999 and opt._epsilon == 1e-8
     # the extra keys in the group dicts do not break saving the optimizer state

@@ -16,6 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from helpers import FIXTURES, ROOT
 from models.checkpoint_io import read_checkpoint, storage_views
 from models.convert import (
     STATE_DICT_KEYS,
@@ -30,8 +31,7 @@ from models.convert import (
 )
 from util.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIX = os.path.join(ROOT, 'tests', 'fixtures', 'convert')
+FIX = os.path.join(FIXTURES, 'convert')
 EXPECTED = dict(np.load(os.path.join(FIX, 'expected.npz')))
 META = json.load(open(os.path.join(FIX, 'expected.json')))
 

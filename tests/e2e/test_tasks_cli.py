@@ -9,8 +9,8 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import make_class_folders, run_cli
 from fixtures_data import make_multilabel_csv, make_odir_table
+from helpers import make_class_folders, run_cli
 
 SHORT = ["--input_size", "32", "--batch_size", "4", "--num_workers", "0", "--warmup_epochs", "0", "--epochs", "1",
          "--print_freq", "100", "--aa", "none", "--reprob", "0", "--smoothing", "0"]

@@ -22,12 +22,12 @@ import pytest
 
 import main_finetune
 import predict
-from conftest import ROOT, TINY_ARGS, make_class_folders
+from helpers import FIXTURES, ROOT, TINY_ARGS, make_class_folders
 from models import convert
 from models.checkpoint_io import read_checkpoint
 from util.errors import UserError
 
-FIXTURES = os.path.join(ROOT, "tests", "fixtures", "convert")
+FIXTURES = os.path.join(FIXTURES, "convert")
 
 
 class _Payload:

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, make_class_folders
+from helpers import ROOT, make_class_folders
 
 TINY = ["--model", "vit_test", "--input_size", "32", "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0",
         "--num_workers", "0", "--finetune", "", "--nb_classes", "3"]

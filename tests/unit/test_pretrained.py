@@ -12,11 +12,12 @@ import numpy as np
 import paddle
 import pytest
 
+from helpers import FIXTURES
 from models.pretrained import load_finetuned, load_pretrained, read_paddle_state_dict, resolve_weights
 from models.vit import VisionTransformer
 from util.errors import UserError
 
-FIX = os.path.join(os.path.dirname(__file__), "fixtures", "vit_ref")
+FIX = os.path.join(FIXTURES, "vit_ref")
 MAE = os.path.join(FIX, "mae_pretrain.pth")
 FT_GP = os.path.join(FIX, "finetuned_gp.pth")
 FT_CLS = os.path.join(FIX, "finetuned_cls.pth")

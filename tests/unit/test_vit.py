@@ -13,11 +13,12 @@ import paddle
 import pytest
 
 import models
+from helpers import FIXTURES
 from models import vit
 from models.vit import VisionTransformer, drop_path, resize_pos_embed, trunc_normal_
 from util.errors import UserError
 
-REF = os.path.join(os.path.dirname(__file__), "fixtures", "vit_ref", "reference.npz")
+REF = os.path.join(FIXTURES, "vit_ref", "reference.npz")
 
 BLOCK_KEYS = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
               "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",

@@ -6,7 +6,7 @@ import paddle
 
 import engine_finetune
 import main_finetune
-from conftest import TINY_ARGS
+from helpers import TINY_ARGS
 
 
 def _args(data, out, task):

@@ -9,7 +9,7 @@ import sys
 import paddle
 import pytest
 
-from conftest import ROOT, TINY_ARGS, run_cli
+from helpers import ROOT, TINY_ARGS, run_cli
 
 N_GPUS = paddle.device.cuda.device_count() if paddle.device.is_compiled_with_cuda() else 0
 needs_gpu = pytest.mark.skipif(N_GPUS < 1, reason="needs a CUDA GPU and paddlepaddle-gpu")

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import FIXTURES
 from util.errors import UserError
 from util.transforms import build_transform
 from util.transforms import randaugment as ra
 from util.transforms.ops import ColorJitter, RandomCrop, RandomResizedCrop, RandomRotation, adjust_hue
 from util.transforms.random_erasing import RandomErasing
 
-FIX = os.path.join(os.path.dirname(__file__), 'fixtures', 'transforms')
+FIX = os.path.join(FIXTURES, 'transforms')
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 FILL = (124, 116, 104)  # round(255 * mean), what timm's create_transform gives RandAugment

@@ -1,0 +1,65 @@
+"""Test helpers: the repository root, the fixtures folder, synthetic class-folder datasets, a CLI runner and
+warning checks. Imported by the tests as ``helpers`` (``tests/`` is on the path: conftest.py sits there)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def make_class_folders(root, classes=("a", "b", "c"), counts=None, size=(40, 36), seed=0):
+    """Write ``root/<split>/<class>/*.png`` with a class-dependent colour so a model can learn it."""
+    counts = counts or {"train": 8, "val": 4, "test": 5}
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        for ci, cls in enumerate(classes):
+            folder = os.path.join(root, split, cls)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                base = np.zeros((size[1], size[0], 3), dtype=np.float32)
+                base[..., ci % 3] = 160 + 60 * (ci // 3)
+                img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(os.path.join(folder, f"{cls}_{i}.png"))
+    return str(root)
+
+
+
+
+def run_cli(args, cwd=ROOT, timeout=600, env_extra=None):
+    """Run ``python main_finetune.py ARGS`` in a subprocess; returns CompletedProcess (text)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main_finetune.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+TINY_ARGS = ["--model", "vit_test", "--input_size", "32", "--batch_size", "4", "--num_workers", "0",
+             "--warmup_epochs", "1", "--blr", "1e-2", "--print_freq", "100"]
+
+
+def call_quietly(fn, *a, **kw):
+    """``fn(*a, **kw)``, asserting it warns about nothing."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = fn(*a, **kw)
+    assert not rec, [str(w.message) for w in rec]
+    return out
+
+
+def call_with_one_warning(fn, category, *a, **kw):
+    """``fn(*a, **kw)``, asserting exactly one warning of ``category``; returns (result, message)."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = fn(*a, **kw)
+    assert len(rec) == 1 and issubclass(rec[0].category, category), [str(w.message) for w in rec]
+    return out, str(rec[0].message)
