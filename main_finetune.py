@@ -117,7 +117,7 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
         check_dataset_images(datasets, say)  # every bad file at once, before any epoch is spent
     first = next(iter(datasets.values()))
     class_names, nb_classes, task = list(first.class_names), cfg.nb_classes or len(first.class_names), \
-        engine.get_task(first.task)
+        engine.get_task(first.task_type)
     val_metric = task.check_metric(cfg.val_metric or task.default_val_metric, "--val_metric")
     model = create_model(model_name, num_classes=task.num_outputs(nb_classes), drop_path_rate=cfg.drop_path,
                          global_pool=cfg.global_pool, img_size=cfg.input_size)
@@ -133,7 +133,7 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
     attach_transforms(datasets, data_cfg, build_reader(cfg.fundus_crop, cfg.fov_threshold, cfg.preprocess_size,
                                                        cfg.cache_dir), augment, say)
     identity = RunIdentity(model_name, nb_classes, tuple(class_names), data_cfg["input_size"], cfg.global_pool,
-                           cfg.data_path, first.task, tuple(data_cfg["mean"]), tuple(data_cfg["std"]),
+                           cfg.data_path, first.task_type, tuple(data_cfg["mean"]), tuple(data_cfg["std"]),
                            data_cfg.get("interpolation", "bicubic"), data_cfg.get("crop_pct"), cfg.fundus_crop,
                            cfg.fov_threshold, cfg.preprocess_size).meta()
     resume_state = load_weights(model, identity, resume=cfg.resume, finetune=cfg.finetune, eval_only=cfg.eval,
@@ -166,7 +166,7 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
         opts = FitOptions(**{k: getattr(cfg, k) for k in FitOptions.__dataclass_fields__ if hasattr(cfg, k)
                              and k not in ("val_metric", "seed", "info")}, val_metric=val_metric, seed=seed,
                           info={"world_size": world, "device": device, "amp": amp.enabled,
-                                "n_parameters": n_parameters, "class_names": class_names, "task": first.task,
+                                "n_parameters": n_parameters, "class_names": class_names, "task": first.task_type,
                                 "val_metric": val_metric, "paddle": paddle.__version__, "data_cfg": data_cfg})
         thresholds = fit(model, bare_model, loaders, seeders, task, nb_classes, class_names,
                          criterion=build_criterion(task, cfg.loss, **losses), eval_loss=eval_loss, amp=amp,

@@ -7,8 +7,9 @@
 Everything the model needs comes from the checkpoint this toolkit wrote: the model name and size, the task,
 the class names, the preprocessing (fundus crop, resize) and the eval transform, and the decision thresholds
 tuned on validation (``--fixed_thresholds`` uses the default cuts instead). Single-view models read every
-image under a folder (recursively) or one image; dual-eye models read a CSV with ``left`` and ``right``
-image columns (paths relative to the CSV's folder).
+image under a folder (recursively) or one image; dual-eye models read a paired table (.csv/.xlsx) with
+the left/right image columns the ``odir`` format recognises (``left``/``right``, ``left_image``/``right_image``,
+``Left-Fundus``/``Right-Fundus``), paths resolved as that format resolves them.
 
 The output has ``file`` and ``prediction`` (class name / grade; for multi-label the ';'-joined positive
 labels) then the task's outputs (probabilities per class or label; the continuous grade for regression).
@@ -51,31 +52,10 @@ def find_images(path: str) -> list[str]:
     return found
 
 
-def read_pairs(path: str) -> list[tuple[str, str]]:
-    import pandas as pd
-
-    if not (os.path.isfile(path) and path.lower().endswith(".csv")):
-        raise UserError(f"--input {path}: a dual-eye model needs a CSV with 'left' and 'right' image columns; "
-                        "write one row per patient")
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in ("left", "right") if c not in table.columns]
-    if missing:
-        raise UserError(f"{path}: columns {missing} missing (found {list(table.columns)}; expected 'left' and "
-                        "'right' image paths); rename the columns")
-    root = os.path.dirname(os.path.abspath(path))
-    pairs = []
-    for i, (left, right) in enumerate(zip(table["left"], table["right"])):
-        if not left or not right:
-            raise UserError(f"{path}: row {i + 2} lacks the {'left' if not left else 'right'} image "
-                            "(both eyes expected); fill the cell or drop the row")
-        pairs.append((os.path.join(root, left), os.path.join(root, right)))
-    return pairs
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resume", required=True, help="checkpoint-best.pdparams written by main_finetune.py")
-    p.add_argument("--input", required=True, help="image folder or file (dual-eye: CSV with left,right)")
+    p.add_argument("--input", required=True, help="image folder or file (dual-eye: a table with left and right image columns)")
     p.add_argument("--output", default="result.csv", help="CSV to write")
     p.add_argument("--batch_size", default=16, type=int)
     p.add_argument("--fixed_thresholds", action="store_true",
@@ -95,6 +75,7 @@ def predict(a) -> int:
     import engine_finetune as engine
     from models import create_model
     from models.pretrained import load_state_dict_strict
+    from util.datasets.odir import read_image_pairs
     from util.fileio import atomic_path, display_path
     from util.inference import RunIdentity, select_device
     from util.outputs.checkpoint import read_toolkit_checkpoint
@@ -118,7 +99,7 @@ def predict(a) -> int:
     # the same reader and eval transform as the run's own evaluation
     reader, transform = eval_inputs(model.num_views, identity.data_cfg(), identity.preprocessing())
     if model.num_views == 2:
-        items = read_pairs(a.input)
+        items = read_image_pairs(a.input)
 
         def load(item):
             return transform([reader(item[0]), reader(item[1])])

@@ -31,9 +31,7 @@ from paddle import nn
 
 from models.vit import trunc_normal_
 from util.errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from util.image_io import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 @contextlib.contextmanager
@@ -49,7 +47,7 @@ def _quiet():
 
 def default_data_cfg(img_size: int, interpolation: str = "bicubic") -> dict:
     """ImageNet statistics; eval crop 224/256 up to 224 px, no crop above (as the ViT models)."""
-    return {"input_size": int(img_size), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+    return {"input_size": int(img_size), "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
             "interpolation": interpolation, "crop_pct": 224 / 256 if img_size <= 224 else 1.0}
 
 

@@ -26,9 +26,8 @@ import paddle.nn.functional as F
 
 from models.registry import register_model
 from util.errors import UserError
+from util.image_io import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 LN_EPS = 1e-6
 
 
@@ -230,8 +229,8 @@ class VisionTransformer(nn.Layer):
         self.num_layers = depth + 1
         self.default_cfg = {
             "input_size": img_size,
-            "mean": IMAGENET_MEAN,
-            "std": IMAGENET_STD,
+            "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD,
             "interpolation": "bicubic",
             "crop_pct": 224 / 256 if img_size <= 224 else 1.0,
         }

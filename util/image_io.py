@@ -15,6 +15,9 @@ from PIL import Image, ImageFile
 from util.errors import UserError
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')
+# the ImageNet channel statistics every pretrained backbone here was normalised with (timm's IMAGENET_DEFAULT_*)
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
 def is_visible(name: str) -> bool:

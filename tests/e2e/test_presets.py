@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from fixtures_data import make_eye_folders, make_grading_csv, make_multilabel_csv, make_odir_table
+from fixtures_data import make_eye_folders, make_grading_csv, make_multilabel_csv, make_odir_table, make_paired_csv
 from helpers import ROOT
 
 pytestmark = pytest.mark.slow
@@ -179,3 +179,26 @@ def test_odir_dual_presets(tmp_path, preset, model):
     if preset == "odir_dual_resnet50":
         assert (cfg["opt"], cfg["fundus_crop"], cfg["loss"]) == ("sgd", "fov_circle", "bce")
         assert len(list((tmp_path / "cache").rglob("*.png"))) == 48  # 24 patients x 2 eyes
+
+
+def test_predict_on_a_paired_table_for_a_dual_eye_model(tmp_path):
+    """predict.py reads a dual-eye model's input through the odir format's column detection and path
+    resolution: the generic paired table (left_image/right_image) gives one row per patient."""
+    import main_finetune
+    import predict
+
+    table = make_paired_csv(tmp_path / "pairs", n_patients=20)
+    args = ["--model", "dual_resnet_test", "--input_size", "32", "--batch_size", "4", "--num_workers", "0",
+            "--epochs", "1", "--warmup_epochs", "0", "--data_path", table, "--output_dir", str(tmp_path / "out"),
+            "--task", "dual"]
+    assert main_finetune.cli(args) == 0
+    out = tmp_path / "result.csv"
+    assert predict.main(["--resume", str(tmp_path / "out" / "dual" / "checkpoint-best.pdparams"), "--input", table,
+                         "--output", str(out)]) == 0
+    rows = list(csv.DictReader(open(out, newline="")))
+    assert len(rows) == 20 and rows[0]["file"] == "p000_v0_L.png|p000_v0_R.png"
+    assert set(rows[0]) == {"file", "prediction", "prob_cataract", "prob_glaucoma", "prob_dr"}
+    bad = tmp_path / "pairs" / "bad.csv"
+    bad.write_text("left,right\nimg/p000_v0_L.png,\n")
+    assert predict.main(["--resume", str(tmp_path / "out" / "dual" / "checkpoint-best.pdparams"), "--input",
+                         str(bad), "--output", str(tmp_path / "r2.csv")]) == 2

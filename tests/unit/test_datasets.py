@@ -50,7 +50,7 @@ def test_folder_dataset_basics(tmp_path):
     open(os.path.join(root, 'train', 'b', 'notes.txt'), 'w').write('x')
     ds = build_dataset('train', root, build_transform(False, 16), nb_classes=3)
     assert isinstance(ds, ImageFolderDataset)
-    assert ds.task == 'single_label' and ds.num_views == 1 and ds.class_names == ['a', 'b', 'c']
+    assert ds.task_type == 'single_label' and ds.num_views == 1 and ds.class_names == ['a', 'b', 'c']
     assert len(ds) == 9 and ds.targets.dtype == np.int64
     np.testing.assert_array_equal(ds.targets, [0, 0, 0, 1, 1, 1, 2, 2, 2])
     x, y = ds[4]
@@ -267,7 +267,7 @@ def test_training_validation_layout_test_is_validation(tmp_path):
 def test_folder_as_regression(tmp_path):
     root = make_tree(tmp_path, splits=('train', 'val'), classes=('0', '1', '3', '10'), per_class=1)
     reg = build_dataset('train', root, None, options=DataOptions(task_type='regression'))
-    assert reg.task == 'regression' and reg.targets.dtype == np.float32
+    assert reg.task_type == 'regression' and reg.targets.dtype == np.float32
     assert reg.class_names == [str(g) for g in range(11)]
     np.testing.assert_array_equal(reg.targets, [0, 1, 10, 3])          # sorted folder order, grade values
     x, y = reg[2]
@@ -286,7 +286,7 @@ def test_npz_regression_and_reader_hook(tmp_path):
     imgs = np.full((3, 6, 6, 3), 100, np.uint8)
     p = write_npz(tmp_path / 'd.npz', train_images=imgs, train_labels=np.array([0, 2, 1]))
     ds = build_dataset('train', p, None, options=DataOptions(task_type='regression'))
-    assert ds.task == 'regression' and ds.targets.dtype == np.float32 and ds.class_names == ['0', '1', '2']
+    assert ds.task_type == 'regression' and ds.targets.dtype == np.float32 and ds.class_names == ['0', '1', '2']
     _, y = ds[1]
     assert y.dtype == np.float32 and float(y) == 2.0
 
@@ -309,7 +309,7 @@ def test_folder_reader_hook(tmp_path):
 
 def test_dual_views_without_transform_need_equal_sizes():
     class Pair(RetinaDataset):
-        task, num_views = 'multi_label', 2
+        task_type, num_views = 'multi_label', 2
 
         def __init__(self, sizes):
             super().__init__('train', 'mem', None)

@@ -38,7 +38,7 @@ def test_seed_header_works_without_options(tmp_path):
     ds = splits(path)
     train = ds['train']
     assert isinstance(train, MultiLabelCsvDataset) and train.format_name == 'csv_multilabel'
-    assert train.task == 'multi_label' and train.num_views == 1
+    assert train.task_type == 'multi_label' and train.num_views == 1
     assert train.class_names == list(SEED_MULTILABEL_COLUMNS)
     assert train.targets.dtype == np.float32 and train.targets.shape == (len(train), 4)
     # 40 rows: 15% -> 6 val, 6 test, 28 train; disjoint, covering every row
@@ -299,7 +299,7 @@ def test_grading_regression_and_single_label(tmp_path):
     path = make_grading_csv(tmp_path, n=40, with_extension=False)    # names without .png, column 'level'
     ds = splits(path)
     train = ds['train']
-    assert isinstance(train, GradingCsvDataset) and train.task == 'regression' and train.grade_col == 'level'
+    assert isinstance(train, GradingCsvDataset) and train.task_type == 'regression' and train.grade_col == 'level'
     assert train.class_names == ['0', '1', '2', '3', '4'] and train.targets.dtype == np.float32
     # stratified by grade: 8 of each grade, 15% -> about one of each grade in val
     assert (ds['val'].class_counts() >= 1).sum() >= 4
@@ -308,7 +308,7 @@ def test_grading_regression_and_single_label(tmp_path):
     assert train.samples[0].endswith('.png') and not train.sample_id(0).endswith('.png')
     assert sum(len(d) for d in ds.values()) == 40 and len(set(ids(ds['train'])) & set(ids(ds['test']))) == 0
     single = build_dataset('train', path, None, nb_classes=7, options=DataOptions(task_type='single_label'))
-    assert single.task == 'single_label' and single.targets.dtype == np.int64 and len(single.class_names) == 7
+    assert single.task_type == 'single_label' and single.targets.dtype == np.int64 and len(single.class_names) == 7
     x, y = single[0]
     assert y.dtype == np.int64
     np.testing.assert_array_equal(single.targets, train.targets.astype(np.int64))

@@ -33,7 +33,7 @@ def test_odir_xlsx_dual(tmp_path):
     ds = splits(path)
     train = ds['train']
     assert isinstance(train, PairedEyeDataset) and train.format_name == 'odir'
-    assert train.task == 'multi_label' and train.num_views == 2 and train.class_names == list(ODIR_CLASSES)
+    assert train.task_type == 'multi_label' and train.num_views == 2 and train.class_names == list(ODIR_CLASSES)
     assert train.image_root == os.path.join(str(tmp_path), 'Training Images')   # found in the subfolder
     assert [len(ds[s]) for s in ('train', 'val', 'test')] == [16, 4, 4]
     sid = train.sample_id(0)
@@ -87,7 +87,7 @@ def test_per_eye_from_odir_keywords(tmp_path):
     path = make_odir_table(tmp_path, n_patients=24)
     ds = build_dataset('train', path, None, options=DataOptions(eye_mode='per_eye'))
     dual = build_dataset('train', path, None)
-    assert ds.num_views == 1 and ds.task == 'multi_label' and len(ds) == 2 * len(dual)
+    assert ds.num_views == 1 and ds.task_type == 'multi_label' and len(ds) == 2 * len(dual)
     truth = {}
     for pid, (left, right) in enumerate(odir_patients(24, np.random.default_rng(0))):
         truth[f'{pid}_left.png'], truth[f'{pid}_right.png'] = left, right

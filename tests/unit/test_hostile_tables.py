@@ -139,7 +139,7 @@ def test_regression_on_multilabel_table_names_task_type(tmp_path):
     assert '4 0/1 label columns (cataract, glaucoma, diabetic_retinopathy, normal_fundus)' in msg
     assert '--grade_col' in msg and 'multi-label: drop --task_type regression' in msg
     # the table itself is fine without the flag
-    assert build_dataset('train', path, None).task == 'multi_label'
+    assert build_dataset('train', path, None).task_type == 'multi_label'
 
 
 def _npz(path, test_labels, train_labels=None):
@@ -199,7 +199,7 @@ def test_sheet_selects_for_grading_odir_and_table_directories(tmp_path):
     with pytest.raises(UserError, match=r"sheets \('Cover', 'Grades'\)"):
         build_dataset('train', gx, None)
     ds = build_dataset('train', gx, None, options=DataOptions(sheet='Grades'))
-    assert ds.format_name == 'csv_grading' and ds.task == 'regression' and len(ds) == 14
+    assert ds.format_name == 'csv_grading' and ds.task_type == 'regression' and len(ds) == 14
 
     odir = make_odir_table(tmp_path / 'o', n_patients=12, fmt='xlsx')
     ox = _with_cover(pd.read_excel(odir), tmp_path / 'o' / 'odir.xlsx', sheet='Annotations')

@@ -12,7 +12,7 @@ from util.errors import UserError
 
 
 def fake(task, targets):
-    return SimpleNamespace(task=task, targets=np.asarray(targets), data_path='fake')
+    return SimpleNamespace(task_type=task, targets=np.asarray(targets), data_path='fake')
 
 
 def drawn(sampler, epochs):

@@ -11,7 +11,7 @@ by ``build_dataset`` (or named with ``fmt``). Detection is unambiguous by constr
   a table (.csv/.xlsx/.xls, or a directory with ``train.csv`` [+ ``val.csv``, ``test.csv``]); one
   function, ``csv_formats.table_kind``, reads its columns and names exactly one of the three.
 
-Each dataset describes itself through ``task`` (single_label, multi_label, regression),
+Each dataset describes itself through ``task_type`` (single_label, multi_label, regression),
 ``class_names``, ``num_views`` (1, or 2 for a left/right eye pair) and ``targets``; ``__getitem__``
 returns ``(image, label)`` with the shapes of the contract (``float32 [3, H, W]`` or ``[2, 3, H, W]``;
 ``int64`` scalar, ``float32 [L]`` or ``float32`` scalar). Things a user should know about how a split
@@ -170,7 +170,7 @@ class RetinaDataset(paddle.io.Dataset, abc.ABC):
     construction) applies to every format alike.
     """
 
-    task = 'single_label'
+    task_type = 'single_label'
     num_views = 1
     format_name = ''
     test_is_val = False  # True when the data has no test split and 'test' is the val split (see ``notes``)
@@ -220,10 +220,10 @@ class RetinaDataset(paddle.io.Dataset, abc.ABC):
         return x, self.label(index)
 
     def label(self, index: int) -> np.ndarray:
-        """The label of sample ``index`` as the contract types it for ``self.task``."""
-        if self.task == 'multi_label':
+        """The label of sample ``index`` as the contract types it for ``self.task_type``."""
+        if self.task_type == 'multi_label':
             return np.asarray(self.targets[index], dtype=np.float32)
-        if self.task == 'regression':
+        if self.task_type == 'regression':
             return np.float32(self.targets[index])
         return np.int64(self.targets[index])
 
@@ -254,9 +254,9 @@ class RetinaDataset(paddle.io.Dataset, abc.ABC):
     def class_counts(self) -> np.ndarray:
         """Images per class (single_label), positives per label (multi_label), images per grade (regression)."""
         k = len(self.class_names)
-        if self.task == 'multi_label':
+        if self.task_type == 'multi_label':
             return np.asarray(self.targets, dtype=np.float64).reshape(-1, k).sum(0).astype(np.int64)
-        if self.task == 'regression':
+        if self.task_type == 'regression':
             return np.bincount(np.rint(self.targets).astype(np.int64), minlength=k)
         return np.bincount(self.targets, minlength=k)
 
@@ -268,8 +268,8 @@ class RetinaDataset(paddle.io.Dataset, abc.ABC):
         """One line for the log: source, size, task and images (or positives) per class."""
         counts = ', '.join(f'{n}: {c}' for n, c in zip(self.class_names, self.class_counts()))
         unit = 'images' if self.num_views == 1 else f'samples of {self.num_views} views'
-        what = {'multi_label': 'labels, positives', 'regression': 'grades'}.get(self.task, 'classes')
-        return (f'{self.format_name} {self.split} ({self.data_path}): {len(self)} {unit}, {self.task}, '
+        what = {'multi_label': 'labels, positives', 'regression': 'grades'}.get(self.task_type, 'classes')
+        return (f'{self.format_name} {self.split} ({self.data_path}): {len(self)} {unit}, {self.task_type}, '
                 f'{len(self.class_names)} {what} ({counts})')
 
     def __repr__(self) -> str:
@@ -292,9 +292,9 @@ def build_splits(data_path: str, splits, nb_classes: int | None = None, fmt: str
     class_names = list(first.class_names)
     said = set()
     for split, ds in datasets.items():
-        if list(ds.class_names) != class_names or ds.task != first.task:
-            raise UserError(f"{data_path}/{split}: classes {list(ds.class_names)} ({ds.task}) differ from "
-                            f"{splits[0]}'s {class_names} ({first.task}); use the same classes in every split")
+        if list(ds.class_names) != class_names or ds.task_type != first.task_type:
+            raise UserError(f"{data_path}/{split}: classes {list(ds.class_names)} ({ds.task_type}) differ from "
+                            f"{splits[0]}'s {class_names} ({first.task_type}); use the same classes in every split")
         say(ds.describe())
         for note in getattr(ds, "notes", []):
             if note not in said:  # the splits of one table share their notes
@@ -302,6 +302,6 @@ def build_splits(data_path: str, splits, nb_classes: int | None = None, fmt: str
                 say(f"note: {note}")
         missing = [c for c, n in zip(ds.class_names, ds.class_counts()) if n == 0]
         if missing and split != "train":
-            say(f"warning: {split} split has no {'positive ' if ds.task == 'multi_label' else ''}images of "
+            say(f"warning: {split} split has no {'positive ' if ds.task_type == 'multi_label' else ''}images of "
                 f"class(es) {missing}: their AUROC is undefined (NaN) on it")
     return datasets

@@ -235,7 +235,7 @@ class TableDataset(RetinaDataset):
         empty = [n for n, c in zip(self.class_names, counts) if c == 0]
         if not empty:
             return
-        if self.task == 'multi_label':
+        if self.task_type == 'multi_label':
             # a label never positive in training cannot be learnt, and pos_weight (negatives / positives)
             # would divide by zero: refuse rather than train a head that always says no
             total = self._row_targets.reshape(len(self._row_targets), -1).sum(0)
@@ -243,7 +243,7 @@ class TableDataset(RetinaDataset):
             raise UserError(f"{self.where}: labels {empty} have no positive in the train split (positives in the "
                             f"whole table: {detail}) (at least one positive per label in train); add positive "
                             f"images, drop the label from --label_cols, or change --split_seed or the split column")
-        kind = 'grades' if self.task == 'regression' else 'classes'
+        kind = 'grades' if self.task_type == 'regression' else 'classes'
         self.notes.append(f"{self.where}: the train split has no images of {kind} {empty}; the model will not "
                           f"learn them")
 
@@ -287,7 +287,7 @@ class MultiLabelCsvDataset(TableDataset):
     float32 [N, L]; class names = label column names."""
 
     def _parse(self, src: TableSource, options: DataOptions, nb_classes: int | None) -> None:
-        self.task = resolve_task(src.where, 'csv_multilabel', 'multi_label', ('multi_label',), options.task_type)
+        self.task_type = resolve_task(src.where, 'csv_multilabel', 'multi_label', ('multi_label',), options.task_type)
         df = src.frame
         split_col, patient_col, exclude, image_col = _common_columns(src, options)
         if options.label_cols:
@@ -335,7 +335,7 @@ class GradingCsvDataset(TableDataset):
     Task regression (float32 grade targets) unless ``task_type='single_label'`` (int64)."""
 
     def _parse(self, src: TableSource, options: DataOptions, nb_classes: int | None) -> None:
-        self.task = resolve_task(src.where, 'csv_grading', 'regression', ('regression', 'single_label'),
+        self.task_type = resolve_task(src.where, 'csv_grading', 'regression', ('regression', 'single_label'),
                                  options.task_type)
         df = src.frame
         split_col, patient_col, exclude, image_col = _common_columns(src, options)
@@ -369,6 +369,6 @@ class GradingCsvDataset(TableDataset):
         self.grade_col = grade_col
         self.class_names = [str(g) for g in range(nb_classes or top + 1)]
         self._row_paths = [(p,) for p in df[image_col].to_numpy()]
-        self._row_targets = grades.astype(np.float32) if self.task == 'regression' else grades
+        self._row_targets = grades.astype(np.float32) if self.task_type == 'regression' else grades
         self._strat = grades
         self._groups = _patient_groups(src, patient_col)

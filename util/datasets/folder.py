@@ -61,7 +61,7 @@ class ImageFolderDataset(RetinaDataset):
                  options: DataOptions | None = None):
         super().__init__(split, data_path, transform)
         options = options or DataOptions()
-        self.task = resolve_task(data_path, 'folder', 'single_label', ('single_label', 'regression'),
+        self.task_type = resolve_task(data_path, 'folder', 'single_label', ('single_label', 'regression'),
                                  options.task_type)
         folder = _split_folder(data_path, split)
         if folder is None and split == 'test' and _split_folder(data_path, 'train') == 'training':
@@ -80,14 +80,14 @@ class ImageFolderDataset(RetinaDataset):
         if not classes:
             raise UserError(f"{root}: no class folders (one subfolder per class holding its images); "
                             f"arrange the images as {folder}/<class>/<image>")
-        if self.task == 'regression':
+        if self.task_type == 'regression':
             grades = self._grades(root, classes, nb_classes)
         elif nb_classes is not None and len(classes) != nb_classes:
             raise UserError(f"{root}: found {len(classes)} class folders {classes} but --nb_classes "
                             f"{nb_classes}; pass --nb_classes {len(classes)} or "
                             f"{'add the missing folder' if len(classes) < nb_classes else 'remove the extra folder'}")
         train_folder = _split_folder(data_path, 'train')
-        if split != 'train' and train_folder is not None and self.task == 'single_label':
+        if split != 'train' and train_folder is not None and self.task_type == 'single_label':
             train_root = os.path.join(data_path, train_folder)
             train_classes = _class_folders(train_root)
             if classes != train_classes:
@@ -105,10 +105,10 @@ class ImageFolderDataset(RetinaDataset):
                                 f"{'/'.join(e[1:] for e in IMG_EXTENSIONS)} file); add images or remove "
                                 f"the folder")
             samples += files
-            targets += [grades[idx] if self.task == 'regression' else idx] * len(files)
+            targets += [grades[idx] if self.task_type == 'regression' else idx] * len(files)
         self.root = root
         self.samples = samples
-        if self.task == 'regression':
+        if self.task_type == 'regression':
             self.class_names = [str(g) for g in range(nb_classes or max(grades) + 1)]
             self.targets = np.asarray(targets, dtype=np.float32)
         else:

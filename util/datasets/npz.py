@@ -29,7 +29,7 @@ class NpzDataset(RetinaDataset):
                  options: DataOptions | None = None):
         super().__init__(split, data_path, transform)
         options = options or DataOptions()
-        self.task = resolve_task(data_path, 'npz', 'single_label', ('single_label', 'regression'),
+        self.task_type = resolve_task(data_path, 'npz', 'single_label', ('single_label', 'regression'),
                                  options.task_type)
         try:
             with np.load(data_path, allow_pickle=False) as z:
@@ -82,7 +82,7 @@ class NpzDataset(RetinaDataset):
                             f"without --nb_classes the class count is each split's largest label + 1, and the "
                             f"splits would disagree); pass --nb_classes {k_all}")
         self.images = images
-        self.targets = labels.astype(np.float32) if self.task == 'regression' else labels
+        self.targets = labels.astype(np.float32) if self.task_type == 'regression' else labels
         self.class_names = [str(i) for i in range(k)]
 
     def load_image(self, index: int) -> Image.Image:

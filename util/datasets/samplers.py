@@ -38,7 +38,7 @@ def _inverse_frequency(groups: np.ndarray) -> np.ndarray:
 
 def balanced_sample_weights(dataset) -> np.ndarray:
     """float64 [N] weights making classes (grades, rarest positive labels) equally likely; see the module doc."""
-    task = dataset.task
+    task = dataset.task_type
     targets = np.asarray(dataset.targets)
     if len(targets) == 0:
         raise UserError(f"{getattr(dataset, 'data_path', 'dataset')}: no samples to weight (at least one); "

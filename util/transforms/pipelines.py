@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from util.errors import UserError, unknown_name_error
+from util.image_io import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from util.transforms.ops import (
     CenterCrop,
     ColorJitter,
@@ -46,9 +47,6 @@ from util.transforms.ops import (
 )
 from util.transforms.randaugment import rand_augment_transform
 from util.transforms.random_erasing import RandomErasing
-
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
 class Compose:
