@@ -147,8 +147,8 @@ class TaskSpec:
     metrics: Callable  # (y_true, outputs, num_classes, class_names, thresholds) -> dict
     columns: list  # metrics CSV columns, 'val_loss' first
     default_val_metric: str  # what --val_metric selects by default
-    num_outputs: Callable[[int], int]  # nb_classes -> model outputs
-    label_dim: Callable[[int], int]  # nb_classes -> label columns per sample
+    num_outputs: Callable[[int], int]  # num_classes -> model outputs
+    label_dim: Callable[[int], int]  # num_classes -> label columns per sample
     predict: Callable  # (outputs, num_classes, thresholds) -> predictions (class / 0-1 matrix / grade)
     decode_labels: Callable  # gathered float label columns [N, label_dim] -> y_true in the task's dtype
     tune: Callable | None = None  # (y_true, outputs, num_classes) -> thresholds

@@ -110,17 +110,17 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
     main_proc, world = D.get_rank() == 0, D.get_world_size()
     if cfg.finetune and not cfg.resume:
         resolve_weights(cfg.finetune, cfg.weights_dir)  # missing weights fail now, not after the data and the model
-    # data first: nb_classes and the task come from it
+    # data first: num_classes and the task come from it
     datasets = build_splits(cfg.data_path, ["test"] if cfg.eval else ["train", "val", "test"], cfg.nb_classes,
                             cfg.data_format or None, data_options(cfg), say)
     if not cfg.skip_image_check:  # on every rank, so all of them stop together
         check_dataset_images(datasets, say)  # every bad file at once, before any epoch is spent
     first = next(iter(datasets.values()))
-    class_names, nb_classes, task = list(first.class_names), cfg.nb_classes or len(first.class_names), \
+    class_names, num_classes, task = list(first.class_names), cfg.nb_classes or len(first.class_names), \
         engine.get_task(first.task_type)
     val_metric = task.check_metric(cfg.val_metric or task.default_val_metric, "--val_metric")
-    model = create_model(model_name, num_classes=task.num_outputs(nb_classes), drop_path_rate=cfg.drop_path,
-                         global_pool=cfg.global_pool, img_size=cfg.input_size)
+    model = create_model(model_name, num_classes=task.num_outputs(num_classes), drop_path_rate=cfg.drop_path,
+                         global_pool=cfg.global_pool, input_size=cfg.input_size)
     if getattr(model, "num_views", 1) != getattr(first, "num_views", 1):
         raise UserError(f"--model {model_name} takes {model.num_views} image(s) per sample but the dataset "
                         f"at {cfg.data_path} gives {first.num_views}; pick a matching model (dual_* models take "
@@ -132,7 +132,7 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
                                             "rotation", "train_aug")}
     attach_transforms(datasets, data_cfg, build_reader(cfg.fundus_crop, cfg.fov_threshold, cfg.preprocess_size,
                                                        cfg.cache_dir), augment, say)
-    identity = RunIdentity(model_name, nb_classes, tuple(class_names), data_cfg["input_size"], cfg.global_pool,
+    identity = RunIdentity(model_name, num_classes, tuple(class_names), data_cfg["input_size"], cfg.global_pool,
                            cfg.data_path, first.task_type, tuple(data_cfg["mean"]), tuple(data_cfg["std"]),
                            data_cfg.get("interpolation", "bicubic"), data_cfg.get("crop_pct"), cfg.fundus_crop,
                            cfg.fov_threshold, cfg.preprocess_size).meta()
@@ -147,7 +147,7 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
         say(f"--freeze_backbone: {freeze_backbone(model)} backbone parameter tensors frozen; training the head only")
     n_parameters = sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient)
     say(f"Model {model_name}: {n_parameters / 1e6:.2f} M trainable parameters, task {task.name}, "
-        f"{nb_classes} {'labels' if task.name == 'multi_label' else 'classes'}, input {data_cfg['input_size']} px")
+        f"{num_classes} {'labels' if task.name == 'multi_label' else 'classes'}, input {data_cfg['input_size']} px")
     loaders, seeders = build_loaders(datasets, cfg.batch_size, cfg.num_workers, seed, D.get_rank(), world,
                                      balanced=cfg.balanced_sampler and not cfg.eval)
     bare_model = model
@@ -157,7 +157,7 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
     if main_proc and run_dir:
         save_config(cfg, os.path.join(run_dir, "config_eval.yaml" if cfg.eval else "config.yaml"))
     recorder = Recorder(run_dir, logger, task, class_names, identity, savemodel=cfg.savemodel)
-    losses = dict(train_set=datasets.get("train"), nb_classes=nb_classes, smoothing=cfg.smoothing,
+    losses = dict(train_set=datasets.get("train"), num_classes=num_classes, smoothing=cfg.smoothing,
                   class_weights=cfg.class_weights, pos_weight=cfg.pos_weight, focal_alpha=cfg.focal_alpha,
                   focal_gamma=cfg.focal_gamma, say=say)
     eval_loss = build_criterion(task, cfg.loss, reduction="none", **losses)
@@ -168,17 +168,17 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
                           info={"world_size": world, "device": device, "amp": amp.enabled,
                                 "n_parameters": n_parameters, "class_names": class_names, "task": first.task_type,
                                 "val_metric": val_metric, "paddle": paddle.__version__, "data_cfg": data_cfg})
-        thresholds = fit(model, bare_model, loaders, seeders, task, nb_classes, class_names,
+        thresholds = fit(model, bare_model, loaders, seeders, task, num_classes, class_names,
                          criterion=build_criterion(task, cfg.loss, **losses), eval_loss=eval_loss, amp=amp,
                          logger=logger, recorder=recorder, opts=opts, resume_state=resume_state, say=say)
-    stats, y_true, outputs = engine.evaluate(model, loaders["test"], task, nb_classes, loss_fn=eval_loss,
+    stats, y_true, outputs = engine.evaluate(model, loaders["test"], task, num_classes, loss_fn=eval_loss,
                                              thresholds=thresholds, class_names=class_names, amp=amp,
                                              header="Test", print_freq=cfg.print_freq)
     D.stop_watching_peers()  # the test gather was the last collective: the other ranks may now exit
     say("Test: " + ", ".join(f"{k} {stats[k]:.4f}" for k in task.columns if k in stats))
     if stats.get("thresholds") is not None:
         say("Test thresholds (tuned on val): " + ", ".join(f"{t:.3f}" for t in stats["thresholds"]))
-    recorder.test(stats, y_true, outputs, datasets["test"], nb_classes)
+    recorder.test(stats, y_true, outputs, datasets["test"], num_classes)
     logger.close()
     return stats
 

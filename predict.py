@@ -90,9 +90,9 @@ def predict(a) -> int:
     identity = RunIdentity.from_meta(state["meta"])
     select_device(a.device)
     task = engine.get_task(identity.task_type)
-    nb_classes, class_names = identity.nb_classes, list(identity.class_names)
-    model = create_model(identity.model, num_classes=task.num_outputs(nb_classes), global_pool=identity.global_pool,
-                         img_size=identity.input_size)
+    num_classes, class_names = identity.num_classes, list(identity.class_names)
+    model = create_model(identity.model, num_classes=task.num_outputs(num_classes), global_pool=identity.global_pool,
+                         input_size=identity.input_size)
     load_state_dict_strict(model, state["model"], a.resume)
     model.eval()
     thresholds = None if a.fixed_thresholds else state.get("thresholds")
@@ -123,7 +123,7 @@ def predict(a) -> int:
             print(f"\rpredicted {min(start + a.batch_size, len(items))}/{len(items)}", end="", file=sys.stderr)
     print(file=sys.stderr)
     outputs = np.concatenate(outputs)
-    preds = task.predict(outputs, nb_classes, thresholds)
+    preds = task.predict(outputs, num_classes, thresholds)
     with atomic_path(a.output, suffix=".csv") as tmp:
         with open(tmp, "w", newline="", encoding="utf8") as f:
             w = csv.writer(f)

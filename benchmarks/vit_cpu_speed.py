@@ -79,7 +79,7 @@ def worker_paddle(a: argparse.Namespace) -> dict:
     paddle.seed(0)
     name = MODELS[a.model][0]
     model = models.create_model(name, num_classes=NUM_CLASSES, drop_path_rate=DROP_PATH, global_pool=True,
-                                img_size=a.input_size)
+                                input_size=a.input_size)
     rng = np.random.default_rng(0)
     x = paddle.to_tensor(rng.standard_normal((a.batch_size, 3, a.input_size, a.input_size), dtype=np.float32))
     y = paddle.to_tensor(rng.integers(0, NUM_CLASSES, a.batch_size).astype(np.int64))

@@ -9,7 +9,7 @@ from models import (
 from models.registry import (  # noqa: F401
                              MODEL_ALIASES,
                              create_model,
-                             default_img_size,
+                             default_input_size,
                              list_models,
                              register_model,
                              resolve_model_name,

@@ -45,10 +45,10 @@ def _quiet():
         logging.disable(logging.NOTSET)
 
 
-def default_data_cfg(img_size: int, interpolation: str = "bicubic") -> dict:
+def default_data_cfg(input_size: int, interpolation: str = "bicubic") -> dict:
     """ImageNet statistics; eval crop 224/256 up to 224 px, no crop above (as the ViT models)."""
-    return {"input_size": int(img_size), "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-            "interpolation": interpolation, "crop_pct": 224 / 256 if img_size <= 224 else 1.0}
+    return {"input_size": int(input_size), "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+            "interpolation": interpolation, "crop_pct": 224 / 256 if input_size <= 224 else 1.0}
 
 
 def check_drop_path(where: str, rate: float) -> float:
@@ -63,13 +63,13 @@ class PaddleClasCNN(nn.Layer, abc.ABC):
     num_views = 1
 
     # ------------------------------------------------------------------ set-up (called by subclasses)
-    def _describe(self, num_classes: int, img_size: int, head_attr: str, num_features: int,
+    def _describe(self, num_classes: int, input_size: int, head_attr: str, num_features: int,
                   stages: Sequence[Iterable[nn.Layer]], top: Iterable[nn.Layer] = ()) -> None:
         """Record the self-description and the layer table.
 
         Args:
             num_classes: classifier outputs; 0 replaces the classifier by ``nn.Identity``.
-            img_size: the input size the model is meant for (``default_cfg['input_size']``).
+            input_size: the input size the model is meant for (``default_cfg['input_size']``).
             head_attr: attribute of ``self.backbone`` holding the classifier ``nn.Linear``.
             num_features: width of the pooled feature (the classifier's input).
             stages: sub-layers per layer id: ``stages[0]`` the stem, ``stages[s]`` stage s.
@@ -85,7 +85,7 @@ class PaddleClasCNN(nn.Layer, abc.ABC):
         self.num_outputs = int(num_classes)
         self.num_features = int(num_features)
         self.num_layers = len(stages)
-        self.default_cfg = default_data_cfg(img_size)
+        self.default_cfg = default_data_cfg(input_size)
 
         by_param: dict[int, int] = {}
         for lid, layers in enumerate(list(stages) + [list(top) + [self.head]]):

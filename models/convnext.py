@@ -23,7 +23,7 @@ from models.registry import register_model
 class PaddleClasConvNeXt(PaddleClasCNN):
     """A PaddleClas ConvNeXt with its ``head`` as the classifier."""
 
-    def __init__(self, depths: list[int], dims: list[int], num_classes: int, img_size: int,
+    def __init__(self, depths: list[int], dims: list[int], num_classes: int, input_size: int,
                  drop_path_rate: float = 0.0):
         super().__init__()
         drop_path_rate = check_drop_path("convnext", drop_path_rate)
@@ -36,7 +36,7 @@ class PaddleClasConvNeXt(PaddleClasCNN):
         self.drop_path_rate = drop_path_rate
         stages = [[net.downsample_layers[0]], [net.stages[0]]]
         stages += [[net.downsample_layers[s], net.stages[s]] for s in range(1, len(depths))]
-        self._describe(num_classes, img_size, head_attr="head", num_features=dims[-1], stages=stages,
+        self._describe(num_classes, input_size, head_attr="head", num_features=dims[-1], stages=stages,
                        top=[net.norm])
 
     def forward_feature_map(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -54,18 +54,18 @@ class PaddleClasConvNeXt(PaddleClasCNN):
 
 
 @register_model
-def convnext_tiny(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 224):
+def convnext_tiny(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, input_size: int = 224):
     """ConvNeXt-Tiny (depths 3-3-9-3, dims 96-768)."""
-    return PaddleClasConvNeXt([3, 3, 9, 3], [96, 192, 384, 768], num_classes, img_size, drop_path_rate)
+    return PaddleClasConvNeXt([3, 3, 9, 3], [96, 192, 384, 768], num_classes, input_size, drop_path_rate)
 
 
 @register_model
-def convnext_small(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 224):
+def convnext_small(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, input_size: int = 224):
     """ConvNeXt-Small (depths 3-3-27-3, dims 96-768)."""
-    return PaddleClasConvNeXt([3, 3, 27, 3], [96, 192, 384, 768], num_classes, img_size, drop_path_rate)
+    return PaddleClasConvNeXt([3, 3, 27, 3], [96, 192, 384, 768], num_classes, input_size, drop_path_rate)
 
 
 @register_model
-def convnext_test(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 32):
+def convnext_test(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, input_size: int = 32):
     """Tiny ConvNeXt for tests (depths 1-1-2-1, dims 16-64): the convnext_small code path."""
-    return PaddleClasConvNeXt([1, 1, 2, 1], [16, 32, 48, 64], num_classes, img_size, drop_path_rate)
+    return PaddleClasConvNeXt([1, 1, 2, 1], [16, 32, 48, 64], num_classes, input_size, drop_path_rate)

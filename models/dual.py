@@ -97,13 +97,13 @@ class DualEyeModel(nn.Layer, abc.ABC):
 
     num_views = 2
 
-    def _describe(self, num_classes: int, img_size: int, num_features: int) -> None:
+    def _describe(self, num_classes: int, input_size: int, num_features: int) -> None:
         if num_classes < 1:
             raise UserError(f"{type(self).__name__}: num_classes {num_classes} (expected >= 1); check --nb_classes")
         self.num_outputs = int(num_classes)
         self.num_features = int(num_features)
         self.num_layers = 1 + max(self.backbone.layer_id(n) for n, _ in self.backbone.named_parameters())
-        self.default_cfg = dict(self.backbone.default_cfg, input_size=int(img_size))
+        self.default_cfg = dict(self.backbone.default_cfg, input_size=int(input_size))
         self.reset_head(0.02)
 
     @abc.abstractmethod
@@ -146,7 +146,7 @@ class DualEyeModel(nn.Layer, abc.ABC):
 class DualEyeCrossAttention(DualEyeModel):
     """Shared backbone -> per-eye branch -> two-way cross-attention -> pooled, concatenated -> fusion -> head."""
 
-    def __init__(self, backbone: nn.Layer, token_dim: int, num_classes: int, img_size: int, embed_dim: int = 512,
+    def __init__(self, backbone: nn.Layer, token_dim: int, num_classes: int, input_size: int, embed_dim: int = 512,
                  num_heads: int = 8, drop_rate: float = 0.0):
         super().__init__()
         self.backbone = backbone
@@ -158,7 +158,7 @@ class DualEyeCrossAttention(DualEyeModel):
         self.head = nn.Linear(embed_dim, num_classes)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
-        self._describe(num_classes, img_size, num_features=embed_dim)
+        self._describe(num_classes, input_size, num_features=embed_dim)
 
     def forward_eye_tokens(self, x: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         """[B, 2, 3, H, W] -> per-eye tokens after the branches and the cross-attention, each [B, N, D]."""
@@ -179,12 +179,12 @@ class DualEyeCrossAttention(DualEyeModel):
 class DualEyeConcat(DualEyeModel):
     """Shared backbone -> pooled features of both eyes concatenated [left, right] -> Dropout -> head."""
 
-    def __init__(self, backbone: nn.Layer, num_classes: int, img_size: int, drop_rate: float = 0.0):
+    def __init__(self, backbone: nn.Layer, num_classes: int, input_size: int, drop_rate: float = 0.0):
         super().__init__()
         self.backbone = backbone
         self.dropout = nn.Dropout(drop_rate)
         self.head = nn.Linear(2 * backbone.num_features, num_classes)
-        self._describe(num_classes, img_size, num_features=2 * backbone.num_features)
+        self._describe(num_classes, input_size, num_features=2 * backbone.num_features)
 
     def forward_features(self, x: paddle.Tensor) -> paddle.Tensor:
         eyes, b = split_eyes(x, type(self).__name__)
@@ -197,49 +197,49 @@ class DualEyeConcat(DualEyeModel):
 # ----------------------------------------------------------------------------------------------- factories
 @register_model
 def dual_convnext_small(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
-                        img_size: int = 384) -> DualEyeCrossAttention:
+                        input_size: int = 384) -> DualEyeCrossAttention:
     """ODIR-5K seed design over a shared ConvNeXt-Small (768-d tokens, 12x12 per eye at 384 px)."""
-    backbone = convnext_small(0, drop_path_rate=drop_path_rate, img_size=img_size)   # headless
-    return DualEyeCrossAttention(backbone, 768, num_classes, img_size, embed_dim=512, num_heads=8)
+    backbone = convnext_small(0, drop_path_rate=drop_path_rate, input_size=input_size)   # headless
+    return DualEyeCrossAttention(backbone, 768, num_classes, input_size, embed_dim=512, num_heads=8)
 
 
 @register_model
 def dual_resnet50(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
-                  img_size: int = 448) -> DualEyeConcat:
+                  input_size: int = 448) -> DualEyeConcat:
     """ODIR-5K seed design: shared ResNet-50, both eyes' 2048-d features concatenated -> classifier."""
-    backbone = resnet50(0, img_size=img_size)
-    return DualEyeConcat(backbone, num_classes, img_size)
+    backbone = resnet50(0, input_size=input_size)
+    return DualEyeConcat(backbone, num_classes, input_size)
 
 
 @register_model
 def dual_retfound(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
-                  img_size: int = 224) -> DualEyeCrossAttention:
+                  input_size: int = 224) -> DualEyeCrossAttention:
     """The cross-attention design over the RETFound ViT-L/16 patch tokens (196 per eye at 224 px)."""
-    vit = ViTPatchTokens(img_size=img_size, patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0,
+    vit = ViTPatchTokens(input_size=input_size, patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0,
                          drop_path_rate=drop_path_rate)
-    return DualEyeCrossAttention(vit, 1024, num_classes, img_size, embed_dim=512, num_heads=8)
+    return DualEyeCrossAttention(vit, 1024, num_classes, input_size, embed_dim=512, num_heads=8)
 
 
 @register_model
 def dual_convnext_test(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
-                       img_size: int = 64) -> DualEyeCrossAttention:
+                       input_size: int = 64) -> DualEyeCrossAttention:
     """dual_convnext_small's code path over convnext_test (64-d tokens), D = 32, 8 heads."""
-    backbone = convnext_test(0, drop_path_rate=drop_path_rate, img_size=img_size)
-    return DualEyeCrossAttention(backbone, 64, num_classes, img_size, embed_dim=32, num_heads=8)
+    backbone = convnext_test(0, drop_path_rate=drop_path_rate, input_size=input_size)
+    return DualEyeCrossAttention(backbone, 64, num_classes, input_size, embed_dim=32, num_heads=8)
 
 
 @register_model
 def dual_resnet_test(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
-                     img_size: int = 32) -> DualEyeConcat:
+                     input_size: int = 32) -> DualEyeConcat:
     """dual_resnet50's code path over resnet_test (512-d features per eye)."""
-    backbone = resnet_test(0, img_size=img_size)
-    return DualEyeConcat(backbone, num_classes, img_size)
+    backbone = resnet_test(0, input_size=input_size)
+    return DualEyeConcat(backbone, num_classes, input_size)
 
 
 @register_model
 def dual_retfound_test(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
-                       img_size: int = 32) -> DualEyeCrossAttention:
+                       input_size: int = 32) -> DualEyeCrossAttention:
     """dual_retfound's code path over vit_test (embed 32, depth 2, heads 2), D = 32, 8 heads."""
-    vit = ViTPatchTokens(img_size=img_size, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0,
+    vit = ViTPatchTokens(input_size=input_size, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0,
                          drop_path_rate=drop_path_rate)
-    return DualEyeCrossAttention(vit, 32, num_classes, img_size, embed_dim=32, num_heads=8)
+    return DualEyeCrossAttention(vit, 32, num_classes, input_size, embed_dim=32, num_heads=8)

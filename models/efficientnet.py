@@ -76,7 +76,7 @@ def _split(blocks: list, repeats: list[int], where: str) -> list[list]:
 class PaddleClasEfficientNet(PaddleClasCNN):
     """EfficientNet-B``variant`` (PaddleClas ``EfficientNet``, SE blocks, SAME padding)."""
 
-    def __init__(self, variant: str, num_classes: int, img_size: int, drop_path_rate: float = 0.0,
+    def __init__(self, variant: str, num_classes: int, input_size: int, drop_path_rate: float = 0.0,
                  width: float | None = None, depth: float | None = None):
         super().__init__()
         drop_path_rate = check_drop_path(f"efficientnet_{variant}", drop_path_rate)
@@ -98,7 +98,7 @@ class PaddleClasEfficientNet(PaddleClasCNN):
         repeats = [E.round_repeats(b.num_repeat, global_params) for b in block_args]
         stages = [[net._ef._conv_stem]] + _split(list(net._ef.conv_seq), repeats, type(self).__name__)
         stages[-1] = stages[-1] + [net._conv]     # the 1x1 conv head belongs to the backbone's last stage
-        self._describe(num_classes, img_size, head_attr="_fc", num_features=net._fc.weight.shape[0],
+        self._describe(num_classes, input_size, head_attr="_fc", num_features=net._fc.weight.shape[0],
                        stages=stages)
 
     def forward_feature_map(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -113,7 +113,7 @@ class PaddleClasEfficientNet(PaddleClasCNN):
 class PaddleClasEfficientNetV2(PaddleClasCNN):
     """EfficientNetV2 (PaddleClas ``EfficientNetV2``: fused-MBConv early stages, SE MBConv later ones)."""
 
-    def __init__(self, model_name: str, num_classes: int, img_size: int, drop_path_rate: float = 0.0,
+    def __init__(self, model_name: str, num_classes: int, input_size: int, drop_path_rate: float = 0.0,
                  blocks: list[str] | None = None, feature_size: int | None = None):
         super().__init__()
         drop_path_rate = check_drop_path(model_name, drop_path_rate)
@@ -135,7 +135,7 @@ class PaddleClasEfficientNetV2(PaddleClasCNN):
         repeats = [b.num_repeat for b in net.blocks_args]   # already scaled by the constructor
         stages = [[net._stem]] + _split(list(net._blocks), repeats, type(self).__name__)
         stages[-1] = stages[-1] + [net._head]      # 1x1 conv head + BN (the dropout has no parameters)
-        self._describe(num_classes, img_size, head_attr="_fc", num_features=net._fc.weight.shape[0],
+        self._describe(num_classes, input_size, head_attr="_fc", num_features=net._fc.weight.shape[0],
                        stages=stages)
 
     def forward_feature_map(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -156,51 +156,51 @@ class PaddleClasEfficientNetV2(PaddleClasCNN):
 
 # ----------------------------------------------------------------------------------------------- factories
 @register_model
-def efficientnet_b0(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 224):
+def efficientnet_b0(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, input_size: int = 224):
     """EfficientNet-B0 (1280 features)."""
-    return PaddleClasEfficientNet("b0", num_classes, img_size, drop_path_rate)
+    return PaddleClasEfficientNet("b0", num_classes, input_size, drop_path_rate)
 
 
 @register_model
-def efficientnet_b1(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 240):
+def efficientnet_b1(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, input_size: int = 240):
     """EfficientNet-B1 (1280 features)."""
-    return PaddleClasEfficientNet("b1", num_classes, img_size, drop_path_rate)
+    return PaddleClasEfficientNet("b1", num_classes, input_size, drop_path_rate)
 
 
 @register_model
-def efficientnet_b2(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 260):
+def efficientnet_b2(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, input_size: int = 260):
     """EfficientNet-B2 (1408 features)."""
-    return PaddleClasEfficientNet("b2", num_classes, img_size, drop_path_rate)
+    return PaddleClasEfficientNet("b2", num_classes, input_size, drop_path_rate)
 
 
 @register_model
-def efficientnet_b3(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 300):
+def efficientnet_b3(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, input_size: int = 300):
     """EfficientNet-B3 (1536 features)."""
-    return PaddleClasEfficientNet("b3", num_classes, img_size, drop_path_rate)
+    return PaddleClasEfficientNet("b3", num_classes, input_size, drop_path_rate)
 
 
 @register_model
-def efficientnet_b4(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 380):
+def efficientnet_b4(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, input_size: int = 380):
     """EfficientNet-B4 (1792 features), the seed systems' multi-label and external-eye model at 380 px."""
-    return PaddleClasEfficientNet("b4", num_classes, img_size, drop_path_rate)
+    return PaddleClasEfficientNet("b4", num_classes, input_size, drop_path_rate)
 
 
 @register_model
 def efficientnet_v2_m(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
-                      img_size: int = 380):
+                      input_size: int = 380):
     """EfficientNetV2-M (1280 features), the seed's DR-grading model at 380 px."""
-    return PaddleClasEfficientNetV2("efficientnetv2-m", num_classes, img_size, drop_path_rate)
+    return PaddleClasEfficientNetV2("efficientnetv2-m", num_classes, input_size, drop_path_rate)
 
 
 @register_model
-def efficientnet_test(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 32):
+def efficientnet_test(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, input_size: int = 32):
     """The efficientnet_b0 code path at width x0.25 / depth x0.5 (320 features) for unit tests."""
-    return PaddleClasEfficientNet("b0", num_classes, img_size, drop_path_rate, width=_TEST_WIDTH, depth=_TEST_DEPTH)
+    return PaddleClasEfficientNet("b0", num_classes, input_size, drop_path_rate, width=_TEST_WIDTH, depth=_TEST_DEPTH)
 
 
 @register_model
 def efficientnet_v2_test(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
-                         img_size: int = 32):
+                         input_size: int = 32):
     """The efficientnet_v2_m code path with four small stages (64 features) for unit tests."""
-    return PaddleClasEfficientNetV2("efficientnetv2-m", num_classes, img_size, drop_path_rate,
+    return PaddleClasEfficientNetV2("efficientnetv2-m", num_classes, input_size, drop_path_rate,
                                     blocks=_V2_TEST_BLOCKS, feature_size=_V2_TEST_FEATURES)

@@ -20,8 +20,8 @@ MODEL_ALIASES: dict[str, str] = {
 
 def register_model(fn: Callable) -> Callable:
     """Register ``fn`` under its function name. The factory signature is
-    ``fn(num_classes: int, drop_path_rate: float = 0., global_pool: bool = True, img_size: int = <default>)``,
-    the default ``img_size`` being the input size the model is meant for (EfficientNet-B4: 380).
+    ``fn(num_classes: int, drop_path_rate: float = 0., global_pool: bool = True, input_size: int = <default>)``,
+    the default ``input_size`` being the input size the model is meant for (EfficientNet-B4: 380).
     """
     name = fn.__name__
     if name in _MODELS:
@@ -42,14 +42,14 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
-def default_img_size(name: str) -> int:
-    """The input size model ``name`` is built for when no ``img_size`` is given (its factory's default)."""
-    return int(inspect.signature(_MODELS[resolve_model_name(name)]).parameters["img_size"].default)
+def default_input_size(name: str) -> int:
+    """The input size model ``name`` is built for when no ``input_size`` is given (its factory's default)."""
+    return int(inspect.signature(_MODELS[resolve_model_name(name)]).parameters["input_size"].default)
 
 
 def create_model(name: str, num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
-                 img_size: int | None = None):
-    """Build a registered model by name; ``img_size=None`` uses the model's default (``default_img_size``)."""
+                 input_size: int | None = None):
+    """Build a registered model by name; ``input_size=None`` uses the model's default (``default_input_size``)."""
     fn = _MODELS[resolve_model_name(name)]
-    kwargs = {} if img_size is None else {"img_size": int(img_size)}
+    kwargs = {} if input_size is None else {"input_size": int(input_size)}
     return fn(num_classes=num_classes, drop_path_rate=drop_path_rate, global_pool=global_pool, **kwargs)

@@ -26,7 +26,7 @@ class PaddleClasResNet(PaddleClasCNN):
     """A PaddleClas ResNet ("vb" stem) with its ``fc`` as the classification head."""
 
     def __init__(self, block_depth: list[int], block_type: str, num_channels: list[int], num_classes: int,
-                 img_size: int = 224):
+                 input_size: int = 224):
         super().__init__()
         config = {"block_type": block_type, "block_depth": block_depth, "num_channels": num_channels}
         with _quiet():
@@ -38,7 +38,7 @@ class PaddleClasResNet(PaddleClasCNN):
         blocks = list(net.blocks)
         bounds = [sum(block_depth[:s]) for s in range(len(block_depth) + 1)]
         stages = [[net.stem]] + [blocks[bounds[s]:bounds[s + 1]] for s in range(len(block_depth))]
-        self._describe(num_classes, img_size, head_attr="fc", num_features=net.avg_pool_channels, stages=stages)
+        self._describe(num_classes, input_size, head_attr="fc", num_features=net.avg_pool_channels, stages=stages)
 
     def forward_feature_map(self, x: paddle.Tensor) -> paddle.Tensor:
         net = self.backbone
@@ -49,24 +49,24 @@ class PaddleClasResNet(PaddleClasCNN):
 
 
 @register_model
-def resnet18(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 224):
+def resnet18(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, input_size: int = 224):
     """ResNet-18 (PaddleClas backbone, basic blocks)."""
-    return PaddleClasResNet([2, 2, 2, 2], "BasicBlock", [64, 64, 128, 256], num_classes, img_size)
+    return PaddleClasResNet([2, 2, 2, 2], "BasicBlock", [64, 64, 128, 256], num_classes, input_size)
 
 
 @register_model
-def resnet50(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 224):
+def resnet50(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, input_size: int = 224):
     """ResNet-50 (PaddleClas backbone, bottleneck blocks, 2048 features)."""
-    return PaddleClasResNet([3, 4, 6, 3], "BottleneckBlock", [64, 256, 512, 1024], num_classes, img_size)
+    return PaddleClasResNet([3, 4, 6, 3], "BottleneckBlock", [64, 256, 512, 1024], num_classes, input_size)
 
 
 @register_model
-def resnet_test(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 32):
+def resnet_test(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, input_size: int = 32):
     """One basic block per stage: the resnet18 code path, small enough for unit tests."""
-    return PaddleClasResNet([1, 1, 1, 1], "BasicBlock", [64, 64, 128, 256], num_classes, img_size)
+    return PaddleClasResNet([1, 1, 1, 1], "BasicBlock", [64, 64, 128, 256], num_classes, input_size)
 
 
 @register_model
-def resnet50_test(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, img_size: int = 32):
+def resnet50_test(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True, input_size: int = 32):
     """One bottleneck block per stage: the resnet50 code path for unit tests (PaddleClas fixes the widths)."""
-    return PaddleClasResNet([1, 1, 1, 1], "BottleneckBlock", [64, 256, 512, 1024], num_classes, img_size)
+    return PaddleClasResNet([1, 1, 1, 1], "BottleneckBlock", [64, 256, 512, 1024], num_classes, input_size)

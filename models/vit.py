@@ -109,22 +109,22 @@ class Linear(nn.Linear):
 class PatchEmbed(nn.Layer):
     """Image [B, C, H, W] -> patch tokens [B, N, D] by a kernel = stride = patch convolution."""
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+    def __init__(self, input_size: int, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
-        if img_size % patch_size:
-            raise UserError(f"ViT: input size {img_size} is not a multiple of the patch size {patch_size} "
-                            f"(expected e.g. {patch_size * max(1, round(img_size / patch_size))}); "
+        if input_size % patch_size:
+            raise UserError(f"ViT: input size {input_size} is not a multiple of the patch size {patch_size} "
+                            f"(expected e.g. {patch_size * max(1, round(input_size / patch_size))}); "
                             f"pass a --input_size divisible by {patch_size}")
-        self.img_size = img_size
+        self.input_size = input_size
         self.patch_size = patch_size
-        self.grid_size = img_size // patch_size
+        self.grid_size = input_size // patch_size
         self.num_patches = self.grid_size ** 2
         self.proj = nn.Conv2D(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        if x.shape[-2] != self.img_size or x.shape[-1] != self.img_size:
+        if x.shape[-2] != self.input_size or x.shape[-1] != self.input_size:
             raise UserError(f"ViT: input image is {x.shape[-2]}x{x.shape[-1]} but the model was built for "
-                            f"{self.img_size}x{self.img_size}; build the model with img_size matching "
+                            f"{self.input_size}x{self.input_size}; build the model with input_size matching "
                             f"--input_size (position embeddings are resized when loading weights)")
         x = self.proj(x)                       # [B, D, h, w]
         return x.flatten(2).transpose([0, 2, 1])  # [B, h*w, D], row-major over the grid like timm
@@ -193,7 +193,7 @@ _NORM_KEYS = ("norm.weight", "norm.bias")
 class VisionTransformer(nn.Layer):
     """RETFound / MAE ViT classifier. See the module docstring for the two pooling modes."""
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+    def __init__(self, input_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 1024, depth: int = 24, num_heads: int = 16, mlp_ratio: float = 4.0,
                  drop_path_rate: float = 0.0, global_pool: bool = True):
         super().__init__()
@@ -203,7 +203,7 @@ class VisionTransformer(nn.Layer):
         self.global_pool = bool(global_pool)
         self.embed_dim = embed_dim
         self.depth = depth
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(input_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
 
         self.cls_token = self.create_parameter([1, 1, embed_dim], dtype="float32")
@@ -228,11 +228,11 @@ class VisionTransformer(nn.Layer):
         self.num_views = 1
         self.num_layers = depth + 1
         self.default_cfg = {
-            "input_size": img_size,
+            "input_size": input_size,
             "mean": IMAGENET_DEFAULT_MEAN,
             "std": IMAGENET_DEFAULT_STD,
             "interpolation": "bicubic",
-            "crop_pct": 224 / 256 if img_size <= 224 else 1.0,
+            "crop_pct": 224 / 256 if input_size <= 224 else 1.0,
         }
         self._init_weights()
 
@@ -354,31 +354,31 @@ def resize_pos_embed(pos_embed: np.ndarray, new_grid: int, num_prefix_tokens: in
 # ----------------------------------------------------------------------------------------------- factories
 @register_model
 def retfound_mae(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
-                 img_size: int = 224) -> VisionTransformer:
+                 input_size: int = 224) -> VisionTransformer:
     """RETFound ViT-L/16 (embed 1024, depth 24, heads 16)."""
-    return VisionTransformer(img_size=img_size, patch_size=16, num_classes=num_classes, embed_dim=1024, depth=24,
+    return VisionTransformer(input_size=input_size, patch_size=16, num_classes=num_classes, embed_dim=1024, depth=24,
                              num_heads=16, mlp_ratio=4.0, drop_path_rate=drop_path_rate, global_pool=global_pool)
 
 
 @register_model
 def vit_base_patch16(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
-                     img_size: int = 224) -> VisionTransformer:
+                     input_size: int = 224) -> VisionTransformer:
     """ViT-B/16 (embed 768, depth 12, heads 12)."""
-    return VisionTransformer(img_size=img_size, patch_size=16, num_classes=num_classes, embed_dim=768, depth=12,
+    return VisionTransformer(input_size=input_size, patch_size=16, num_classes=num_classes, embed_dim=768, depth=12,
                              num_heads=12, mlp_ratio=4.0, drop_path_rate=drop_path_rate, global_pool=global_pool)
 
 
 @register_model
 def vit_small_patch16(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
-                      img_size: int = 224) -> VisionTransformer:
+                      input_size: int = 224) -> VisionTransformer:
     """ViT-S/16 (embed 384, depth 12, heads 6)."""
-    return VisionTransformer(img_size=img_size, patch_size=16, num_classes=num_classes, embed_dim=384, depth=12,
+    return VisionTransformer(input_size=input_size, patch_size=16, num_classes=num_classes, embed_dim=384, depth=12,
                              num_heads=6, mlp_ratio=4.0, drop_path_rate=drop_path_rate, global_pool=global_pool)
 
 
 @register_model
 def vit_test(num_classes: int, drop_path_rate: float = 0.0, global_pool: bool = True,
-             img_size: int = 224) -> VisionTransformer:
+             input_size: int = 224) -> VisionTransformer:
     """Tiny ViT for tests: patch 16, embed 32, depth 2, heads 2 (same code path as retfound_mae)."""
-    return VisionTransformer(img_size=img_size, patch_size=16, num_classes=num_classes, embed_dim=32, depth=2,
+    return VisionTransformer(input_size=input_size, patch_size=16, num_classes=num_classes, embed_dim=32, depth=2,
                              num_heads=2, mlp_ratio=4.0, drop_path_rate=drop_path_rate, global_pool=global_pool)

@@ -49,7 +49,7 @@ class RunIdentity:
     """What a checkpoint is. ``meta()`` is the dict stored in the checkpoint (the fields a resume must agree
     on at the top level, the rest under ``inference``: what applying the model to new images needs)."""
     model: str
-    nb_classes: int
+    num_classes: int
     class_names: tuple
     input_size: int
     global_pool: bool
@@ -67,6 +67,7 @@ class RunIdentity:
 
     def meta(self) -> dict:
         d = asdict(self)
+        d["nb_classes"] = d.pop("num_classes")  # the key of the checkpoints' meta (the CLI's name)
         inference = {k: d.pop(k) for k in self.INFERENCE}
         inference["mean"], inference["std"] = list(inference["mean"]), list(inference["std"])
         return {**d, "class_names": list(self.class_names), "data_path": os.path.abspath(self.data_path),
@@ -75,7 +76,7 @@ class RunIdentity:
     @classmethod
     def from_meta(cls, meta: dict) -> RunIdentity:
         inf = meta["inference"]
-        return cls(model=meta["model"], nb_classes=int(meta["nb_classes"]), class_names=tuple(meta["class_names"]),
+        return cls(model=meta["model"], num_classes=int(meta["nb_classes"]), class_names=tuple(meta["class_names"]),
                    input_size=int(meta["input_size"]), global_pool=meta["global_pool"], data_path=meta["data_path"],
                    task_type=meta["task_type"], mean=tuple(inf["mean"]), std=tuple(inf["std"]),
                    interpolation=inf["interpolation"], crop_pct=inf["crop_pct"], fundus_crop=inf["fundus_crop"],

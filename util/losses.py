@@ -459,7 +459,7 @@ def _label(i: int, names: Sequence[str] | None) -> str:
     return f"{i} ({names[i]!r})" if names is not None and i < len(names) else str(i)
 
 
-def build_criterion(task, loss: str, *, train_set=None, nb_classes: int | None = None, smoothing: float = 0.0,
+def build_criterion(task, loss: str, *, train_set=None, num_classes: int | None = None, smoothing: float = 0.0,
                     class_weights: bool = False, pos_weight: bool = False, focal_alpha: float | None = None,
                     focal_gamma: float | None = None, reduction: str = 'mean', say=print) -> Callable:
     """The training loss of ``task`` (an ``engine_finetune.TaskSpec``) from ``--loss`` and its options; class
@@ -473,7 +473,7 @@ def build_criterion(task, loss: str, *, train_set=None, nb_classes: int | None =
         if 'class_weights' not in task.loss_options:
             raise UserError(f"--class_weights: applies to single-label cross-entropy, not to {task.name} data; "
                             "use --pos_weight for multi-label data or --balanced_sampler")
-        options['class_weights'] = class_weights_from_labels(train_set.targets, nb_classes)
+        options['class_weights'] = class_weights_from_labels(train_set.targets, num_classes)
         say('class weights: ' + ', '.join(f'{c} {w:.3f}' for c, w in zip(train_set.class_names,
                                                                             options['class_weights'])))
     if pos_weight:

@@ -138,7 +138,7 @@ def check_steps(steps_per_epoch: int, n_images: int, opts: FitOptions, say) -> N
             "step uses (as in the reference); pick an --accum_iter that divides it to use every batch")
 
 
-def fit(model, bare_model, loaders: dict, seeders: dict, task, nb_classes: int, class_names: list, *, criterion,
+def fit(model, bare_model, loaders: dict, seeders: dict, task, num_classes: int, class_names: list, *, criterion,
         eval_loss, amp, logger, recorder, opts: FitOptions, resume_state: dict | None, say):
     """Train with per-epoch validation and checkpoints; leaves the best checkpoint's weights in the model and
     returns the decision thresholds tuned on validation at that epoch (``None`` when not tuned)."""
@@ -164,7 +164,7 @@ def fit(model, bare_model, loaders: dict, seeders: dict, task, nb_classes: int, 
             model, criterion, loaders["train"], training.optimizer, epoch, schedule=training.schedule,
             accum_iter=opts.accum_iter, clip_grad=opts.clip_grad, scaler=training.scaler, amp=amp, logger=logger,
             print_freq=opts.print_freq, global_step=global_step)
-        val_stats, _, _ = engine.evaluate(model, loaders["val"], task, nb_classes, loss_fn=eval_loss,
+        val_stats, _, _ = engine.evaluate(model, loaders["val"], task, num_classes, loss_fn=eval_loss,
                                           tune=training.tune, class_names=class_names, amp=amp, header="Val",
                                           print_freq=opts.print_freq)
         training.schedule.epoch_end(epoch, val_stats.get(training.plateau_metric))

@@ -158,7 +158,7 @@ def test_finetune_from_mae_checkpoint_name_in_weights_dir(class_folders, tmp_pat
 
     from models import create_model
 
-    enc = {k: v.numpy() for k, v in create_model("vit_test", num_classes=3, img_size=32).state_dict().items()
+    enc = {k: v.numpy() for k, v in create_model("vit_test", num_classes=3, input_size=32).state_dict().items()
            if not k.startswith(("head.", "fc_norm."))}
     d = enc["cls_token"].shape[-1]
     enc.update({"norm.weight": np.ones(d, np.float32), "norm.bias": np.zeros(d, np.float32),

@@ -77,7 +77,7 @@ def test_freeze_backbone_trains_only_the_head(tmp_path):
     paddle.seed(0)  # main seeds paddle with --seed (+ rank 0) before it builds the model
     from models import create_model
 
-    init = create_model("resnet_test", num_classes=3, drop_path_rate=0.2, img_size=32)
+    init = create_model("resnet_test", num_classes=3, drop_path_rate=0.2, input_size=32)
     params = {n for n, p in init.named_parameters() if not p.stop_gradient}
     head = {n for n in params if n.startswith("backbone.fc.")}
     assert head and len(params) > len(head)

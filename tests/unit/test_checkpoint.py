@@ -46,7 +46,7 @@ def test_optimizer_state_survives_different_generated_parameter_names(tmp_path):
     from util.lr_decay import build_optimizer
 
     def trained():
-        m = create_model("vit_test", num_classes=3, img_size=32)
+        m = create_model("vit_test", num_classes=3, input_size=32)
         opt = build_optimizer(m, lr=1e-3)
         m(paddle.randn([2, 3, 32, 32])).sum().backward()
         opt.step()

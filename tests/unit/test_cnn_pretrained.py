@@ -163,7 +163,7 @@ def test_dual_model_loads_single_backbone_paddleclas_weights(dual, single, tmp_p
 
 def vit_test_state(global_pool, num_classes=1000, mae_extras=False):
     paddle.seed(5)
-    v = VisionTransformer(img_size=32, patch_size=16, num_classes=num_classes, embed_dim=32, depth=2, num_heads=2,
+    v = VisionTransformer(input_size=32, patch_size=16, num_classes=num_classes, embed_dim=32, depth=2, num_heads=2,
                           global_pool=global_pool)
     sd = {k: t.numpy() + 0.01 for k, t in v.state_dict().items()}
     if mae_extras:   # an MAE pretraining checkpoint (already converted) also holds the decoder
@@ -233,10 +233,10 @@ def test_dual_model_rejects_another_backbone_and_reloads_its_own_checkpoint(tmp_
 
 def test_dual_retfound_checkpoint_at_another_input_size_gets_its_pos_embed_resized(tmp_path):
     paddle.seed(2)
-    src = create_model("dual_retfound_test", num_classes=8, img_size=32)
+    src = create_model("dual_retfound_test", num_classes=8, input_size=32)
     path = str(tmp_path / "dual32.pdparams")
     paddle.save(src.state_dict(), path)
-    m = create_model("dual_retfound_test", num_classes=8, img_size=64)
+    m = create_model("dual_retfound_test", num_classes=8, input_size=64)
     rep = load_pretrained(m, path, verbose=False)
     assert rep["missing"] == [] and not rep["head_reset"]
     assert m.backbone.pos_embed.shape == [1, 1 + 16, 32]

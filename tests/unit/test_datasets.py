@@ -48,7 +48,7 @@ def test_folder_dataset_basics(tmp_path):
     write_image(os.path.join(root, 'train', 'a', '.hidden.png'))
     write_image(os.path.join(root, 'train', '.cache', 'x.png'))
     open(os.path.join(root, 'train', 'b', 'notes.txt'), 'w').write('x')
-    ds = build_dataset('train', root, build_transform(False, 16), nb_classes=3)
+    ds = build_dataset('train', root, build_transform(False, 16), num_classes=3)
     assert isinstance(ds, ImageFolderDataset)
     assert ds.task_type == 'single_label' and ds.num_views == 1 and ds.class_names == ['a', 'b', 'c']
     assert len(ds) == 9 and ds.targets.dtype == np.int64
@@ -79,11 +79,11 @@ def test_missing_split_lists_existing(tmp_path):
 def test_nb_classes_mismatch_message(tmp_path):
     root = make_tree(tmp_path, classes=('0', '1', '2', '3'), per_class=1)
     with pytest.raises(UserError) as err:
-        build_dataset('train', root, None, nb_classes=5)
+        build_dataset('train', root, None, num_classes=5)
     assert str(err.value) == (f"{os.path.join(root, 'train')}: found 4 class folders ['0', '1', '2', '3'] "
                               f"but --nb_classes 5; pass --nb_classes 4 or add the missing folder")
     with pytest.raises(UserError, match='pass --nb_classes 4 or remove the extra folder'):
-        build_dataset('train', root, None, nb_classes=3)
+        build_dataset('train', root, None, num_classes=3)
 
 
 def test_empty_class_folder_is_named(tmp_path):
@@ -165,7 +165,7 @@ def test_npz_basics_grayscale_and_column_labels(tmp_path):
     np.testing.assert_array_equal(ds.class_counts(), [3, 1, 2])
     x, y = ds[1]
     assert x.shape == (3, 32, 32) and x.dtype == np.float32 and int(y) == 2
-    assert build_dataset('train', p, None, nb_classes=5).class_names == ['0', '1', '2', '3', '4']
+    assert build_dataset('train', p, None, num_classes=5).class_names == ['0', '1', '2', '3', '4']
 
 
 def test_npz_errors(tmp_path):
@@ -174,7 +174,7 @@ def test_npz_errors(tmp_path):
     with pytest.raises(UserError, match=r"arrays \['val_images', 'val_labels'\] missing \(found \['train_images', 'train_labels'\]"):
         build_dataset('val', p, None)
     with pytest.raises(UserError, match=r"1 labels outside \[0, 3\) \(values \[4\]\).*pass --nb_classes 5"):
-        build_dataset('train', p, None, nb_classes=3)
+        build_dataset('train', p, None, num_classes=3)
     p2 = write_npz(tmp_path / 'e.npz', train_images=imgs, train_labels=np.array([0, -1, 1]))
     with pytest.raises(UserError, match='labels outside'):
         build_dataset('train', p2, None)
@@ -192,7 +192,7 @@ def test_npz_errors(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists(RETINAMNIST), reason='data/retinamnist.npz not present')
 def test_real_retinamnist():
-    ds = build_dataset('train', RETINAMNIST, build_transform(True, 64), nb_classes=5)
+    ds = build_dataset('train', RETINAMNIST, build_transform(True, 64), num_classes=5)
     assert len(ds) == 1080 and ds.class_names == ['0', '1', '2', '3', '4']
     np.testing.assert_array_equal(ds.class_counts(), [486, 128, 206, 194, 66])
     assert len(build_dataset('val', RETINAMNIST, None)) == 120
@@ -203,7 +203,7 @@ def test_real_retinamnist():
 
 @pytest.mark.parametrize('workers', [0, 2])
 def test_dataloader_batches(workers):
-    ds = build_dataset('val', RETINAMNIST, build_transform(False, 32), nb_classes=5)
+    ds = build_dataset('val', RETINAMNIST, build_transform(False, 32), num_classes=5)
     loader = paddle.io.DataLoader(ds, batch_size=16, shuffle=False, num_workers=workers, drop_last=False)
     shapes, labels = [], []
     for xb, yb in loader:
@@ -247,7 +247,7 @@ def test_each_layout_is_detected_as_exactly_one_format(tmp_path):
 
 def test_training_validation_layout_test_is_validation(tmp_path):
     root = make_eye_folders(tmp_path, counts={'training': 3, 'validation': 2})
-    train, val, test = (build_dataset(s, root, None, nb_classes=5) for s in ('train', 'val', 'test'))
+    train, val, test = (build_dataset(s, root, None, num_classes=5) for s in ('train', 'val', 'test'))
     assert train.class_names == ['cataract', 'conjunctivitis', 'eyelid', 'normal', 'uveitis']
     assert (len(train), len(val), len(test)) == (15, 10, 10) and not train.notes and not val.notes
     assert [test.sample_id(i) for i in range(len(test))] == [val.sample_id(i) for i in range(len(val))]
@@ -274,7 +274,7 @@ def test_folder_as_regression(tmp_path):
     assert y.dtype == np.float32 and float(y) == 10.0
     np.testing.assert_array_equal(reg.class_counts()[[0, 1, 3, 10]], [1, 1, 1, 1])
     with pytest.raises(UserError, match=r'grade folder 10 is not below --nb_classes 5 .*pass --nb_classes 11'):
-        build_dataset('train', root, None, nb_classes=5, options=DataOptions(task_type='regression'))
+        build_dataset('train', root, None, num_classes=5, options=DataOptions(task_type='regression'))
     named = make_tree(tmp_path / 'n', classes=('mild', '2'))
     with pytest.raises(UserError, match=r"class folders \['mild'\] are not integer grades"):
         build_dataset('train', named, None, options=DataOptions(task_type='regression'))

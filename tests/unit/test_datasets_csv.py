@@ -175,7 +175,7 @@ def test_column_options_and_missing_column(tmp_path):
     with pytest.raises(UserError, match=r"column 'Fname' not found .*did you mean 'fname'"):
         build_dataset('train', path, None, options=DataOptions(image_col='Fname'))
     with pytest.raises(UserError, match=r"3 label columns \['a', 'b', 'c'\] but --nb_classes 4; pass --nb_classes 3"):
-        build_dataset('train', path, None, nb_classes=4)
+        build_dataset('train', path, None, num_classes=4)
 
 
 def test_image_column_guess(tmp_path):
@@ -307,7 +307,7 @@ def test_grading_regression_and_single_label(tmp_path):
     assert x.shape == (3, 32, 32) and y.dtype == np.float32 and y.shape == ()
     assert train.samples[0].endswith('.png') and not train.sample_id(0).endswith('.png')
     assert sum(len(d) for d in ds.values()) == 40 and len(set(ids(ds['train'])) & set(ids(ds['test']))) == 0
-    single = build_dataset('train', path, None, nb_classes=7, options=DataOptions(task_type='single_label'))
+    single = build_dataset('train', path, None, num_classes=7, options=DataOptions(task_type='single_label'))
     assert single.task_type == 'single_label' and single.targets.dtype == np.int64 and len(single.class_names) == 7
     x, y = single[0]
     assert y.dtype == np.int64
@@ -342,7 +342,7 @@ def test_grading_above_nb_classes(tmp_path):
     path = make_grading_csv(tmp_path, n=10, grades=5)
     with pytest.raises(UserError, match=r"2 grades not below --nb_classes 4 at rows 6 \('4'\), 11 \('4'\) "
                                         r"\(grades 0..3\); pass --nb_classes 5"):
-        build_dataset('train', path, None, nb_classes=4)
+        build_dataset('train', path, None, num_classes=4)
 
 
 def test_grading_column_guess_and_option(tmp_path):

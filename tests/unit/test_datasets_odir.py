@@ -234,7 +234,7 @@ def test_split_column_patient_leak_is_noted(tmp_path):
 def test_nb_classes_and_task_type_checks(tmp_path):
     path = make_odir_table(tmp_path, n_patients=12, fmt='csv')
     with pytest.raises(UserError, match=r"8 labels .* but --nb_classes 5; pass --nb_classes 8"):
-        build_dataset('train', path, None, nb_classes=5)
+        build_dataset('train', path, None, num_classes=5)
     with pytest.raises(UserError, match='--task_type single_label does not apply to the odir format'):
         build_dataset('train', path, None, options=DataOptions(task_type='single_label'))
     assert build_dataset('train', path, None, options=DataOptions(label_cols=['N', 'D'])).class_names == ['N', 'D']

@@ -133,7 +133,7 @@ def test_backbone_lr_scale_applies_to_backbone_ids_only():
 
 
 def test_default_cfg_and_drop_path_come_from_the_backbone():
-    m = create_model("dual_convnext_test", num_classes=3, drop_path_rate=0.3, img_size=96)
+    m = create_model("dual_convnext_test", num_classes=3, drop_path_rate=0.3, input_size=96)
     assert m.default_cfg["input_size"] == 96 and m.default_cfg["mean"] == m.backbone.default_cfg["mean"]
     rates = [blk.drop_path.drop_prob for stage in m.backbone.backbone.stages for blk in stage
              if hasattr(blk.drop_path, "drop_prob")]

@@ -13,7 +13,7 @@ from util.lr_decay import build_optimizer
 
 def _model(seed=0):
     paddle.seed(seed)
-    return create_model("vit_test", num_classes=3, drop_path_rate=0.0, img_size=32)
+    return create_model("vit_test", num_classes=3, drop_path_rate=0.0, input_size=32)
 
 
 def _data(n=8, seed=1):

@@ -157,7 +157,7 @@ def test_npz_split_lacking_top_class_asks_for_nb_classes(tmp_path):
                                         r"to 3, but the train/val splits have labels up to 4, so 5 classes.*\); "
                                         r"pass --nb_classes 5$"):
         build_dataset('test', p, None)
-    assert build_dataset('test', p, None, nb_classes=5).class_names == ['0', '1', '2', '3', '4']
+    assert build_dataset('test', p, None, num_classes=5).class_names == ['0', '1', '2', '3', '4']
     # the train split lacking the top classes is named the same way
     p2 = _npz(tmp_path / 'e.npz', np.arange(10) % 5, train_labels=np.arange(10) % 3)
     with pytest.raises(UserError, match=r"the train split lacks classes \[3, 4\] .*pass --nb_classes 5$"):

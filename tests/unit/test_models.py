@@ -13,7 +13,7 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-from models import create_model, default_img_size, list_models, resolve_model_name
+from models import create_model, default_input_size, list_models, resolve_model_name
 from util.errors import UserError
 
 ALL = list_models()
@@ -49,10 +49,10 @@ def test_default_input_sizes_are_the_seed_resolutions():
     expected = {"efficientnet_b0": 224, "efficientnet_b1": 240, "efficientnet_b2": 260, "efficientnet_b3": 300,
                 "efficientnet_b4": 380, "efficientnet_v2_m": 380, "convnext_small": 224, "resnet50": 224,
                 "dual_convnext_small": 384, "dual_resnet50": 448, "dual_retfound": 224, "retfound_mae": 224}
-    assert {n: default_img_size(n) for n in expected} == expected
-    m = create_model("efficientnet_test", num_classes=3)           # img_size omitted -> the factory default
-    assert m.default_cfg["input_size"] == default_img_size("efficientnet_test") == 32
-    assert create_model("efficientnet_test", num_classes=3, img_size=48).default_cfg["input_size"] == 48
+    assert {n: default_input_size(n) for n in expected} == expected
+    m = create_model("efficientnet_test", num_classes=3)           # input_size omitted -> the factory default
+    assert m.default_cfg["input_size"] == default_input_size("efficientnet_test") == 32
+    assert create_model("efficientnet_test", num_classes=3, input_size=48).default_cfg["input_size"] == 48
 
 
 def test_unknown_model_suggests_close_names():
@@ -70,7 +70,7 @@ def test_contract(model):
     cfg = m.default_cfg
     assert {"input_size", "mean", "std", "interpolation", "crop_pct"} <= set(cfg)
     assert len(cfg["mean"]) == 3 and len(cfg["std"]) == 3
-    assert cfg["input_size"] == default_img_size(name)
+    assert cfg["input_size"] == default_input_size(name)
     names = [n for n, _ in m.named_parameters()]
     ids = [m.layer_id(n) for n in names]
     # every id from 0 (stem / embeddings) to num_layers (head) is used: no empty LR-decay layer
@@ -104,7 +104,7 @@ def test_lr_groups_cover_every_trainable_parameter_once(model):
 def test_forward_backward_and_head_reset(name):
     paddle.seed(0)
     for size in (32, 64):
-        m = create_model(name, num_classes=4, drop_path_rate=0.1, img_size=size)
+        m = create_model(name, num_classes=4, drop_path_rate=0.1, input_size=size)
         m.train()
         y = m(batch(m, size))
         assert y.shape == [2, 4], f"{name} at {size} px"

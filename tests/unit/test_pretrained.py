@@ -28,8 +28,8 @@ def ref():
     return dict(np.load(os.path.join(FIX, "reference.npz")))
 
 
-def ref_vit(img_size: int, num_classes: int, global_pool: bool, **kw) -> VisionTransformer:
-    cfg = dict(img_size=img_size, patch_size=16, num_classes=num_classes, embed_dim=48, depth=2, num_heads=4,
+def ref_vit(input_size: int, num_classes: int, global_pool: bool, **kw) -> VisionTransformer:
+    cfg = dict(input_size=input_size, patch_size=16, num_classes=num_classes, embed_dim=48, depth=2, num_heads=4,
                global_pool=global_pool)
     cfg.update(kw)
     m = VisionTransformer(**cfg)

@@ -35,7 +35,7 @@ def expected_keys(depth: int, global_pool: bool) -> set[str]:
 
 @pytest.mark.parametrize("global_pool", [True, False])
 def test_state_dict_names_and_shapes_follow_timm(global_pool):
-    m = models.create_model("vit_test", num_classes=5, global_pool=global_pool, img_size=32)
+    m = models.create_model("vit_test", num_classes=5, global_pool=global_pool, input_size=32)
     sd = m.state_dict()
     assert set(sd) == expected_keys(2, global_pool)
     assert tuple(sd["cls_token"].shape) == (1, 1, 32)
@@ -49,7 +49,7 @@ def test_state_dict_names_and_shapes_follow_timm(global_pool):
 @pytest.mark.parametrize("global_pool", [True, False])
 def test_forward_backward_shapes(global_pool):
     paddle.seed(0)
-    m = models.create_model("vit_test", num_classes=3, drop_path_rate=0.1, global_pool=global_pool, img_size=32)
+    m = models.create_model("vit_test", num_classes=3, drop_path_rate=0.1, global_pool=global_pool, input_size=32)
     x = paddle.randn([4, 3, 32, 32])
     out = m(x)
     assert out.shape == [4, 3]
@@ -60,7 +60,7 @@ def test_forward_backward_shapes(global_pool):
 
 
 def test_wrong_input_size_raises_user_error():
-    m = models.create_model("vit_test", num_classes=2, img_size=32)
+    m = models.create_model("vit_test", num_classes=2, input_size=32)
     with pytest.raises(UserError, match="64x64.*32x32"):
         m(paddle.zeros([1, 3, 64, 64]))
 
@@ -68,14 +68,14 @@ def test_wrong_input_size_raises_user_error():
 def test_global_pool_excludes_cls_token_and_cls_mode_uses_only_it():
     paddle.seed(1)
     x = paddle.randn([2, 3, 32, 32])
-    gp = models.create_model("vit_test", num_classes=2, global_pool=True, img_size=32)
+    gp = models.create_model("vit_test", num_classes=2, global_pool=True, input_size=32)
     gp.eval()
     tokens = gp.forward_tokens(x).numpy()
     pooled = tokens[:, 1:].mean(1)
     mu, var = pooled.mean(-1, keepdims=True), pooled.var(-1, keepdims=True)
     np.testing.assert_allclose(gp.forward_features(x).numpy(), (pooled - mu) / np.sqrt(var + 1e-6), atol=1e-5)
 
-    cls = models.create_model("vit_test", num_classes=2, global_pool=False, img_size=32)
+    cls = models.create_model("vit_test", num_classes=2, global_pool=False, input_size=32)
     cls.eval()
     t = cls.forward_tokens(x).numpy()[:, 0]
     mu, var = t.mean(-1, keepdims=True), t.var(-1, keepdims=True)
@@ -83,17 +83,17 @@ def test_global_pool_excludes_cls_token_and_cls_mode_uses_only_it():
 
 
 def test_contract_attributes():
-    m = models.create_model("vit_test", num_classes=7, img_size=32)
+    m = models.create_model("vit_test", num_classes=7, input_size=32)
     assert (m.num_outputs, m.num_features, m.num_views, m.num_layers) == (7, 32, 1, 3)
     assert m.default_cfg == {"input_size": 32, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
                              "interpolation": "bicubic", "crop_pct": 224 / 256}
-    assert models.create_model("vit_test", 2, img_size=224).default_cfg["crop_pct"] == pytest.approx(0.875)
-    assert models.create_model("vit_test", 2, img_size=256).default_cfg["crop_pct"] == 1.0
+    assert models.create_model("vit_test", 2, input_size=224).default_cfg["crop_pct"] == pytest.approx(0.875)
+    assert models.create_model("vit_test", 2, input_size=256).default_cfg["crop_pct"] == 1.0
     assert m.no_weight_decay() == {"pos_embed", "cls_token"}
 
 
 def test_layer_id():
-    m = models.create_model("vit_test", num_classes=2, img_size=32)
+    m = models.create_model("vit_test", num_classes=2, input_size=32)
     ids = {n: m.layer_id(n) for n, _ in m.named_parameters()}
     assert ids["cls_token"] == ids["pos_embed"] == ids["patch_embed.proj.weight"] == ids["patch_embed.proj.bias"] == 0
     assert ids["blocks.0.attn.qkv.weight"] == 1 and ids["blocks.1.mlp.fc2.bias"] == 2
@@ -103,7 +103,7 @@ def test_layer_id():
 
 
 def test_drop_path_rates_increase_linearly_to_the_given_rate():
-    m = VisionTransformer(img_size=32, patch_size=16, num_classes=2, embed_dim=16, depth=5, num_heads=2,
+    m = VisionTransformer(input_size=32, patch_size=16, num_classes=2, embed_dim=16, depth=5, num_heads=2,
                           drop_path_rate=0.2)
     got = [blk.drop_path.drop_prob for blk in m.blocks]
     np.testing.assert_allclose(got, [0.0, 0.05, 0.1, 0.15, 0.2], atol=1e-7)
@@ -120,7 +120,7 @@ def test_drop_path_is_per_sample_scaled_and_identity_at_eval():
     assert len(vals) == 2 and vals[0] == 0.0 and vals[1] == pytest.approx(1 / 0.75)
     assert abs((per_sample[:, 0] == 0).mean() - 0.25) < 0.03
     np.testing.assert_array_equal(drop_path(x, 0.25, training=False).numpy(), x.numpy())
-    m = models.create_model("vit_test", num_classes=2, drop_path_rate=0.5, img_size=32)
+    m = models.create_model("vit_test", num_classes=2, drop_path_rate=0.5, input_size=32)
     m.eval()
     xi = paddle.randn([2, 3, 32, 32])
     np.testing.assert_array_equal(m(xi).numpy(), m(xi).numpy())
@@ -128,7 +128,7 @@ def test_drop_path_is_per_sample_scaled_and_identity_at_eval():
 
 def test_reset_head_is_trunc_normal_2e5_with_zero_bias():
     paddle.seed(0)
-    m = VisionTransformer(img_size=32, patch_size=16, num_classes=1000, embed_dim=64, depth=1, num_heads=2)
+    m = VisionTransformer(input_size=32, patch_size=16, num_classes=1000, embed_dim=64, depth=1, num_heads=2)
     with paddle.no_grad():
         m.head.bias.set_value(paddle.ones([1000]))
     m.reset_head(2e-5)
@@ -154,7 +154,7 @@ def test_trunc_normal_respects_absolute_bounds():
 
 def test_random_init_scales():
     paddle.seed(0)
-    m = VisionTransformer(img_size=64, patch_size=16, num_classes=10, embed_dim=64, depth=1, num_heads=2)
+    m = VisionTransformer(input_size=64, patch_size=16, num_classes=10, embed_dim=64, depth=1, num_heads=2)
     assert abs(m.pos_embed.numpy().std() - 0.02) < 0.003
     w = m.blocks[0].mlp.fc1.weight.numpy()            # xavier uniform: limit sqrt(6 / (64 + 256))
     assert np.abs(w).max() <= np.sqrt(6 / 320) + 1e-6 and np.abs(w).max() > 0.9 * np.sqrt(6 / 320)
@@ -170,16 +170,16 @@ def test_factories_use_the_reference_sizes(monkeypatch):
     cfgs = {"retfound_mae": (1024, 24, 16), "vit_base_patch16": (768, 12, 12), "vit_small_patch16": (384, 12, 6)}
     for name, (dim, depth, heads) in cfgs.items():
         seen.clear()
-        getattr(vit, name)(num_classes=5, drop_path_rate=0.2, global_pool=False, img_size=256)
+        getattr(vit, name)(num_classes=5, drop_path_rate=0.2, global_pool=False, input_size=256)
         kw = seen["kw"]
         assert (kw["embed_dim"], kw["depth"], kw["num_heads"], kw["patch_size"], kw["mlp_ratio"]) == \
             (dim, depth, heads, 16, 4.0)
-        assert (kw["num_classes"], kw["drop_path_rate"], kw["global_pool"], kw["img_size"]) == (5, 0.2, False, 256)
+        assert (kw["num_classes"], kw["drop_path_rate"], kw["global_pool"], kw["input_size"]) == (5, 0.2, False, 256)
     assert models.resolve_model_name("RETFound_mae") == "retfound_mae"
 
 
 def test_prepare_pretrained_drops_decoder_norm_and_mismatched_head():
-    m = models.create_model("vit_test", num_classes=4, img_size=32)
+    m = models.create_model("vit_test", num_classes=4, input_size=32)
     sd = {k: v.numpy() for k, v in m.state_dict().items() if not k.startswith(("fc_norm", "head"))}
     sd.update({"norm.weight": np.ones(32, np.float32), "norm.bias": np.zeros(32, np.float32),
                "mask_token": np.zeros((1, 1, 8), np.float32), "decoder_pred.weight": np.zeros((8, 768), np.float32),
@@ -188,9 +188,9 @@ def test_prepare_pretrained_drops_decoder_norm_and_mismatched_head():
     assert not any(k.startswith(("decoder_", "mask_token", "norm.", "head.")) for k in out)
     assert missing == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
     # head kept (same shape) -> its fc_norm must come from the checkpoint too
-    same_head = models.create_model("vit_test", num_classes=1000, img_size=32)
+    same_head = models.create_model("vit_test", num_classes=1000, input_size=32)
     assert same_head.prepare_pretrained(sd)[1] == set()
-    cls = models.create_model("vit_test", num_classes=1000, global_pool=False, img_size=32)
+    cls = models.create_model("vit_test", num_classes=1000, global_pool=False, input_size=32)
     out, missing = cls.prepare_pretrained(sd)
     assert "norm.weight" in out and "head.weight" in out and missing == set()
 

@@ -91,7 +91,7 @@ class DataOptions:
 def register_dataset_format(name: str) -> Callable[[type], type]:
     """Class decorator registering a dataset format under ``name``.
 
-    The class is constructed as ``cls(split, data_path, transform, nb_classes, options=DataOptions)`` and
+    The class is constructed as ``cls(split, data_path, transform, num_classes, options=DataOptions)`` and
     provides a ``detect(data_path, options) -> bool`` staticmethod; ``build_dataset`` uses it to pick the
     format, so two formats must never both claim a path (``detect`` may raise ``UserError`` when a path is
     clearly of its kind but cannot be read).
@@ -109,7 +109,7 @@ def list_dataset_formats() -> list[str]:
     return sorted(_FORMATS)
 
 
-def build_dataset(split: str, data_path: str, transform: Callable | None, nb_classes: int | None = None,
+def build_dataset(split: str, data_path: str, transform: Callable | None, num_classes: int | None = None,
                   fmt: str | None = None, options: DataOptions | None = None) -> 'RetinaDataset':
     """Build the ``split`` of the dataset at ``data_path``.
 
@@ -119,14 +119,14 @@ def build_dataset(split: str, data_path: str, transform: Callable | None, nb_cla
         transform: ``callable(PIL.Image RGB) -> float32 [3, H, W]`` (dual-eye data:
             ``callable([left, right]) -> float32 [2, 3, H, W]``); ``None`` gives the image as float32 in
             [0, 1] without resizing.
-        nb_classes: expected number of classes (``--nb_classes``); ``None`` infers it.
+        num_classes: expected number of classes (``--nb_classes``); ``None`` infers it.
         fmt: a registered format name; ``None`` picks the format from ``data_path``.
         options: format options (``DataOptions``); ``None`` = the defaults.
     """
     if split not in SPLITS:
         raise UserError(f"split {split!r}: unknown split (one of {', '.join(SPLITS)}); use one of those")
-    if nb_classes is not None and (int(nb_classes) != nb_classes or nb_classes < 1):
-        raise UserError(f"--nb_classes {nb_classes}: not a positive integer; pass the number of classes")
+    if num_classes is not None and (int(num_classes) != num_classes or num_classes < 1):
+        raise UserError(f"--nb_classes {num_classes}: not a positive integer; pass the number of classes")
     options = (options if options is not None else DataOptions()).validate()
     if not data_path or not os.path.exists(data_path):
         raise UserError(f"{data_path}: data path does not exist (a class-folder root with "
@@ -143,7 +143,7 @@ def build_dataset(split: str, data_path: str, transform: Callable | None, nb_cla
         fmt = found[0]
     elif fmt not in _FORMATS:
         raise unknown_name_error('dataset format', fmt, _FORMATS)
-    return _FORMATS[fmt](split, data_path, transform, None if nb_classes is None else int(nb_classes),
+    return _FORMATS[fmt](split, data_path, transform, None if num_classes is None else int(num_classes),
                          options=options)
 
 
@@ -228,7 +228,7 @@ class RetinaDataset(paddle.io.Dataset, abc.ABC):
         return np.int64(self.targets[index])
 
     @property
-    def nb_classes(self) -> int:
+    def num_classes(self) -> int:
         return len(self.class_names)
 
     def check_images(self) -> int:
@@ -282,11 +282,11 @@ def has_table_layout(data_path: str) -> bool:
                                             for ext in ('.csv', '.xlsx', '.xls'))
 
 
-def build_splits(data_path: str, splits, nb_classes: int | None = None, fmt: str | None = None,
+def build_splits(data_path: str, splits, num_classes: int | None = None, fmt: str | None = None,
                  options: DataOptions | None = None, say=print) -> dict:
     """``build_dataset`` for each of ``splits``, checked against each other (same classes and task), with each
     split's description, notes and missing-class warnings said once."""
-    datasets = {split: build_dataset(split, data_path, None, nb_classes=nb_classes, fmt=fmt, options=options)
+    datasets = {split: build_dataset(split, data_path, None, num_classes=num_classes, fmt=fmt, options=options)
                 for split in splits}
     first = datasets[splits[0]]
     class_names = list(first.class_names)

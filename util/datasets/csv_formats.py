@@ -121,7 +121,7 @@ def _kind_of(df: pd.DataFrame, path: str, options: DataOptions) -> str:
 # ----------------------------------------------------------------------------- the table dataset base
 
 class TableDataset(RetinaDataset):
-    """Base of the table formats. A subclass's ``_parse(src, options, nb_classes)`` reads and validates the
+    """Base of the table formats. A subclass's ``_parse(src, options, num_classes)`` reads and validates the
     columns of all rows and sets ``task``, ``num_views``, ``class_names``, ``image_cols``,
     ``_row_paths`` (listed paths per row, one or two), ``_row_targets``, ``_strat`` (labels to stratify on)
     and ``_groups`` (patient of each row or ``None``); this class assigns splits, resolves the images of the
@@ -134,7 +134,7 @@ class TableDataset(RetinaDataset):
     def detect(cls, data_path: str, options: DataOptions | None = None) -> bool:
         return table_kind(data_path, options) == cls.format_name
 
-    def __init__(self, split: str, data_path: str, transform: Callable | None, nb_classes: int | None = None,
+    def __init__(self, split: str, data_path: str, transform: Callable | None, num_classes: int | None = None,
                  options: DataOptions | None = None):
         super().__init__(split, data_path, transform)
         options = options or DataOptions()
@@ -143,7 +143,7 @@ class TableDataset(RetinaDataset):
             src = self.source = TableSource(data_path, options.sheet)
             self.where = src.where
             self._groups = None
-            self._parse(src, options, nb_classes)
+            self._parse(src, options, num_classes)
         assignment, self.test_is_val, notes = assign_splits(src, options, self._strat, self._groups, self.unit)
         self.notes += notes[split]
         self._check_groups(assignment)
@@ -210,7 +210,7 @@ class TableDataset(RetinaDataset):
                         f"holding the images, or pass --allow_outside_paths if the table is trusted")
 
     @abc.abstractmethod
-    def _parse(self, src: TableSource, options: DataOptions, nb_classes: int | None) -> None:
+    def _parse(self, src: TableSource, options: DataOptions, num_classes: int | None) -> None:
         """Read and validate the columns of every row and set the attributes listed in the class docstring."""
 
     def _samples(self, sel: np.ndarray) -> tuple[list[tuple[str, ...]], np.ndarray, list[int]]:
@@ -286,7 +286,7 @@ class MultiLabelCsvDataset(TableDataset):
     numeric columns, in file order, except id/age/sex/patient/split ones). Task multi_label: targets
     float32 [N, L]; class names = label column names."""
 
-    def _parse(self, src: TableSource, options: DataOptions, nb_classes: int | None) -> None:
+    def _parse(self, src: TableSource, options: DataOptions, num_classes: int | None) -> None:
         self.task_type = resolve_task(src.where, 'csv_multilabel', 'multi_label', ('multi_label',), options.task_type)
         df = src.frame
         split_col, patient_col, exclude, image_col = _common_columns(src, options)
@@ -300,9 +300,9 @@ class MultiLabelCsvDataset(TableDataset):
             if not label_cols:
                 raise UserError(f"{src.where}: no label columns (0/1 columns besides the image column "
                                 f"{image_col!r}; columns found: {', '.join(df.columns)}); pass --label_cols")
-        if nb_classes is not None and nb_classes != len(label_cols):
+        if num_classes is not None and num_classes != len(label_cols):
             raise UserError(f"{src.where}: {len(label_cols)} label columns {label_cols} but --nb_classes "
-                            f"{nb_classes}; pass --nb_classes {len(label_cols)} or choose the columns with "
+                            f"{num_classes}; pass --nb_classes {len(label_cols)} or choose the columns with "
                             f"--label_cols")
         src.check_filled(image_col, '--image_col', 'image path')
         y = src.binary_labels(label_cols)
@@ -331,10 +331,10 @@ def guess_grade_col(df: pd.DataFrame, where: str, exclude: set) -> str:
 class GradingCsvDataset(TableDataset):
     """An image column + an integer grade column (``--grade_col``; default: the numeric column named like
     grade/level/diagnosis/label, else the single numeric column). Grades are integers 0..G-1, G =
-    ``nb_classes`` or the largest grade in the table + 1 (so every split has the same class names).
+    ``num_classes`` or the largest grade in the table + 1 (so every split has the same class names).
     Task regression (float32 grade targets) unless ``task_type='single_label'`` (int64)."""
 
-    def _parse(self, src: TableSource, options: DataOptions, nb_classes: int | None) -> None:
+    def _parse(self, src: TableSource, options: DataOptions, num_classes: int | None) -> None:
         self.task_type = resolve_task(src.where, 'csv_grading', 'regression', ('regression', 'single_label'),
                                  options.task_type)
         df = src.frame
@@ -358,16 +358,16 @@ class GradingCsvDataset(TableDataset):
                                 f"or choose the column with --grade_col")
         grades = vals.astype(np.int64)
         top = int(grades.max())
-        if nb_classes is not None and top >= nb_classes:
-            bad = np.flatnonzero(grades >= nb_classes)
+        if num_classes is not None and top >= num_classes:
+            bad = np.flatnonzero(grades >= num_classes)
             raise UserError(f"{src.where}: grade column {grade_col!r}: {bad.size} grades not below --nb_classes "
-                            f"{nb_classes} at {src.rows_text(bad, raw[bad])} (grades 0..{nb_classes - 1}); pass "
+                            f"{num_classes} at {src.rows_text(bad, raw[bad])} (grades 0..{num_classes - 1}); pass "
                             f"--nb_classes {top + 1} or fix those cells")
         src.check_filled(image_col, '--image_col', 'image path')
         src.check_duplicates([image_col])
         self.image_cols = [image_col]
         self.grade_col = grade_col
-        self.class_names = [str(g) for g in range(nb_classes or top + 1)]
+        self.class_names = [str(g) for g in range(num_classes or top + 1)]
         self._row_paths = [(p,) for p in df[image_col].to_numpy()]
         self._row_targets = grades.astype(np.float32) if self.task_type == 'regression' else grades
         self._strat = grades

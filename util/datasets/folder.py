@@ -50,14 +50,14 @@ class ImageFolderDataset(RetinaDataset):
     an error (that layout promises a test split, so a missing one is more likely a wrong path).
 
     ``options.task_type == 'regression'``: the class folders are integer grades ``0..G-1`` (G =
-    ``nb_classes`` or the largest grade + 1, missing grades allowed) and targets are float32 grades.
+    ``num_classes`` or the largest grade + 1, missing grades allowed) and targets are float32 grades.
     """
 
     @staticmethod
     def detect(data_path: str, options: DataOptions | None = None) -> bool:
         return os.path.isdir(data_path) and not has_table_layout(data_path)
 
-    def __init__(self, split: str, data_path: str, transform: Callable | None, nb_classes: int | None = None,
+    def __init__(self, split: str, data_path: str, transform: Callable | None, num_classes: int | None = None,
                  options: DataOptions | None = None):
         super().__init__(split, data_path, transform)
         options = options or DataOptions()
@@ -81,11 +81,11 @@ class ImageFolderDataset(RetinaDataset):
             raise UserError(f"{root}: no class folders (one subfolder per class holding its images); "
                             f"arrange the images as {folder}/<class>/<image>")
         if self.task_type == 'regression':
-            grades = self._grades(root, classes, nb_classes)
-        elif nb_classes is not None and len(classes) != nb_classes:
+            grades = self._grades(root, classes, num_classes)
+        elif num_classes is not None and len(classes) != num_classes:
             raise UserError(f"{root}: found {len(classes)} class folders {classes} but --nb_classes "
-                            f"{nb_classes}; pass --nb_classes {len(classes)} or "
-                            f"{'add the missing folder' if len(classes) < nb_classes else 'remove the extra folder'}")
+                            f"{num_classes}; pass --nb_classes {len(classes)} or "
+                            f"{'add the missing folder' if len(classes) < num_classes else 'remove the extra folder'}")
         train_folder = _split_folder(data_path, 'train')
         if split != 'train' and train_folder is not None and self.task_type == 'single_label':
             train_root = os.path.join(data_path, train_folder)
@@ -109,22 +109,22 @@ class ImageFolderDataset(RetinaDataset):
         self.root = root
         self.samples = samples
         if self.task_type == 'regression':
-            self.class_names = [str(g) for g in range(nb_classes or max(grades) + 1)]
+            self.class_names = [str(g) for g in range(num_classes or max(grades) + 1)]
             self.targets = np.asarray(targets, dtype=np.float32)
         else:
             self.class_names = classes
             self.targets = np.asarray(targets, dtype=np.int64)
 
     @staticmethod
-    def _grades(root: str, classes: list[str], nb_classes: int | None) -> list[int]:
+    def _grades(root: str, classes: list[str], num_classes: int | None) -> list[int]:
         bad = [c for c in classes if not c.isdigit()]
         if bad:
             raise UserError(f"{root}: class folders {bad} are not integer grades (folders named 0, 1, 2, ... for "
                             f"--task_type regression); rename them or drop --task_type regression")
         grades = [int(c) for c in classes]
-        if nb_classes is not None and max(grades) >= nb_classes:
-            raise UserError(f"{root}: grade folder {max(grades)} is not below --nb_classes {nb_classes} (grades "
-                            f"0..{nb_classes - 1}); pass --nb_classes {max(grades) + 1}")
+        if num_classes is not None and max(grades) >= num_classes:
+            raise UserError(f"{root}: grade folder {max(grades)} is not below --nb_classes {num_classes} (grades "
+                            f"0..{num_classes - 1}); pass --nb_classes {max(grades) + 1}")
         return grades
 
     @staticmethod

@@ -17,7 +17,7 @@ from util.errors import UserError
 @register_dataset_format('npz')
 class NpzDataset(RetinaDataset):
     """A ``.npz`` with ``{split}_images`` (N,H,W,3) or (N,H,W) uint8 and ``{split}_labels`` (N,) or (N,1)
-    integers (MedMNIST). Class names are '0'..'K-1', K = ``nb_classes`` or the largest label + 1 (a split
+    integers (MedMNIST). Class names are '0'..'K-1', K = ``num_classes`` or the largest label + 1 (a split
     whose largest label is below another split's is then an error asking for ``--nb_classes``);
     ``options.task_type == 'regression'`` reads the labels as grades (float32 targets)."""
 
@@ -25,7 +25,7 @@ class NpzDataset(RetinaDataset):
     def detect(data_path: str, options: DataOptions | None = None) -> bool:
         return os.path.isfile(data_path) and data_path.lower().endswith('.npz')
 
-    def __init__(self, split: str, data_path: str, transform: Callable | None, nb_classes: int | None = None,
+    def __init__(self, split: str, data_path: str, transform: Callable | None, num_classes: int | None = None,
                  options: DataOptions | None = None):
         super().__init__(split, data_path, transform)
         options = options or DataOptions()
@@ -43,7 +43,7 @@ class NpzDataset(RetinaDataset):
                 images, labels = z[keys[0]], z[keys[1]]
                 # the largest label of each other split: with no --nb_classes, K comes from the labels
                 others = {}
-                if nb_classes is None:
+                if num_classes is None:
                     for other in SPLITS:
                         lab = z[f'{other}_labels'] if other != split and f'{other}_labels' in present else None
                         if lab is not None and lab.size and np.issubdtype(lab.dtype, np.integer):
@@ -64,12 +64,12 @@ class NpzDataset(RetinaDataset):
         if labels.size == 0:
             raise UserError(f"{where}: the {split} split is empty (at least one image); add images")
         labels = labels.astype(np.int64)
-        k = nb_classes if nb_classes is not None else int(labels.max()) + 1
+        k = num_classes if num_classes is not None else int(labels.max()) + 1
         bad = (labels < 0) | (labels >= k)
         if bad.any():
             raise UserError(f"{data_path}[{split}_labels]: {int(bad.sum())} labels outside [0, {k}) "
                             f"(values {sorted(set(labels[bad].tolist()))[:10]}) (class indices 0..{k - 1}"
-                            f"{' for --nb_classes %d' % k if nb_classes is not None else ''}); "
+                            f"{' for --nb_classes %d' % k if num_classes is not None else ''}); "
                             f"pass --nb_classes {int(labels.max()) + 1} or fix the labels")
         k_all = max([k - 1, *others.values()]) + 1
         if k_all > k:

@@ -120,7 +120,7 @@ class PairedEyeDataset(TableDataset):
                         'training_images', 'images', 'Images')
     unit = 'patients'
 
-    def _parse(self, src: TableSource, options: DataOptions, nb_classes: int | None) -> None:
+    def _parse(self, src: TableSource, options: DataOptions, num_classes: int | None) -> None:
         self.task_type = resolve_task(src.where, 'odir', 'multi_label', ('multi_label',), options.task_type)
         df, where = src.frame, src.where
         split_col = find_split_col(df, where, options)
@@ -158,8 +158,8 @@ class PairedEyeDataset(TableDataset):
                                 f"columns left_<label>/right_<label>; columns found: {', '.join(df.columns)}); "
                                 f"pass --label_cols")
         names = label_cols or list(eye_pairs)
-        if nb_classes is not None and nb_classes != len(names):
-            raise UserError(f"{where}: {len(names)} labels {names} but --nb_classes {nb_classes}; pass "
+        if num_classes is not None and num_classes != len(names):
+            raise UserError(f"{where}: {len(names)} labels {names} but --nb_classes {num_classes}; pass "
                             f"--nb_classes {len(names)} or choose the columns with --label_cols")
         eye_targets = self._per_eye_targets(src, names, eye_pairs, options.eye_mode == 'per_eye')
         y = src.binary_labels(label_cols) if label_cols else eye_targets.max(axis=1)

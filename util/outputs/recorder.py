@@ -60,9 +60,9 @@ class Recorder:
             save_training_curves_png(self.path("log.txt"), self.path("training_curves.png"), best_epoch=best_epoch,
                                      metrics=tuple(metrics))
 
-    def test(self, stats: dict, y_true, outputs, dataset, nb_classes: int) -> None:
+    def test(self, stats: dict, y_true, outputs, dataset, num_classes: int) -> None:
         """metrics_test.csv (one evaluation: never appended), per-class table, predictions, confusion matrices."""
         if not self.enabled:
             return
         self.logger.csv_row("metrics_test.csv", self.task.columns, stats, fresh=True)
-        write_test_report(self.run_dir, self.task, stats, y_true, outputs, dataset, nb_classes)
+        write_test_report(self.run_dir, self.task, stats, y_true, outputs, dataset, num_classes)

@@ -70,7 +70,7 @@ def save_thresholds_json(path: str, task: str, class_names: Sequence[str], thres
 
 
 def write_test_report(run_dir: str, task, stats: dict, y_true: np.ndarray, outputs: np.ndarray, dataset,
-                      nb_classes: int) -> list[str]:
+                      num_classes: int) -> list[str]:
     """per_class_test.csv, predictions_test.csv and the confusion matrix picture(s); returns the paths."""
     class_names = list(dataset.class_names)
     thresholds = stats.get("thresholds")
@@ -81,8 +81,8 @@ def write_test_report(run_dir: str, task, stats: dict, y_true: np.ndarray, outpu
     append_per_class_csv(path, stats.get("per_class", []))
     written.append(path)
 
-    fixed = task.predict(outputs, nb_classes, None)
-    tuned = task.predict(outputs, nb_classes, thresholds) if thresholds is not None else None
+    fixed = task.predict(outputs, num_classes, None)
+    tuned = task.predict(outputs, num_classes, thresholds) if thresholds is not None else None
     if task.per_label:  # one 0/1 column per label
         p = save_multilabel_confusion_png(y_true, fixed, class_names,
                                           os.path.join(run_dir, "confusion_matrix_test.png"),
