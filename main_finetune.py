@@ -116,8 +116,8 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
     if not cfg.skip_image_check:  # on every rank, so all of them stop together
         check_dataset_images(datasets, say)  # every bad file at once, before any epoch is spent
     first = next(iter(datasets.values()))
-    class_names, num_classes, task = list(first.class_names), cfg.nb_classes or len(first.class_names), \
-        engine.get_task(first.task_type)
+    class_names = list(first.class_names)
+    num_classes, task = cfg.nb_classes or len(class_names), engine.get_task(first.task_type)
     val_metric = task.check_metric(cfg.val_metric or task.default_val_metric, "--val_metric")
     model = create_model(model_name, num_classes=task.num_outputs(num_classes), drop_path_rate=cfg.drop_path,
                          global_pool=cfg.global_pool, input_size=cfg.input_size)

@@ -117,20 +117,16 @@ def trim_to_epoch(run_dir: str, epoch: int, per_epoch_csvs=("metrics_val.csv",),
             dropped["log.txt"] = len(lines) - len(keep)
             _rewrite(log, "".join(ln + "\n" for ln in keep))
     for name in per_epoch_csvs:
-        path = os.path.join(run_dir, name)
-        if not os.path.isfile(path):
+        path, rows = _csv_rows(run_dir, name)
+        if rows is None:
             continue
-        with open(path, encoding="utf8", newline="") as f:
-            rows = list(csv.reader(f))
         if len(rows) - 1 > kept_epochs:
             dropped[name] = len(rows) - 1 - kept_epochs
             _rewrite(path, _csv_text(rows[:kept_epochs + 1]))
     for name in epoch_tagged_csvs:
-        path = os.path.join(run_dir, name)
-        if not os.path.isfile(path):
+        path, rows = _csv_rows(run_dir, name)
+        if rows is None:
             continue
-        with open(path, encoding="utf8", newline="") as f:
-            rows = list(csv.reader(f))
         if not rows or not rows[0] or rows[0][0] != "epoch":
             continue
         body = [r for r in rows[1:] if r and r[0].lstrip("-").isdigit() and int(r[0]) <= epoch]
@@ -138,6 +134,15 @@ def trim_to_epoch(run_dir: str, epoch: int, per_epoch_csvs=("metrics_val.csv",),
             dropped[name] = len(rows) - 1 - len(body)
             _rewrite(path, _csv_text([rows[0]] + body))
     return dropped
+
+
+def _csv_rows(run_dir: str, name: str) -> tuple[str, list[list[str]] | None]:
+    """(path, rows) of a CSV in the run folder; rows is None when the file does not exist."""
+    path = os.path.join(run_dir, name)
+    if not os.path.isfile(path):
+        return path, None
+    with open(path, encoding="utf8", newline="") as f:
+        return path, list(csv.reader(f))
 
 
 def _csv_text(rows: list[list[str]]) -> str:
