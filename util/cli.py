@@ -14,6 +14,7 @@ import threading
 from typing import Callable
 
 from util import distributed as D
+from util.datasets.loader import killed_worker_error
 from util.errors import UserError
 from util.outputs.run_folder import describe_interrupted
 
@@ -48,10 +49,12 @@ def run_command(fn: Callable[[], object]) -> int:
         if "DataLoader" not in str(exc):
             raise
         found = re.search(r"pid (\d+)\).*?signal: (\w+)", str(exc))
-        what = (f"data loader worker (pid {found.group(1)}) was killed by signal {found.group(2)}" if found else
-                str(exc).strip().splitlines()[0].replace("(Fatal) ", "").split(" (at /")[0])
-        _say(f"error: {what}; it was stopped from outside the run (the system may have run out of memory: check "
-             "`dmesg`); rerun, with fewer --num_workers or --num_workers 0")
+        if found:
+            _say(f"error: {killed_worker_error(found.group(1), found.group(2))}")
+        else:
+            first = str(exc).strip().splitlines()[0].replace("(Fatal) ", "").split(" (at /")[0]
+            _say(f"error: {first}; a data loader worker was stopped from outside the run (the system may have run "
+                 "out of memory: check `dmesg`); rerun, with fewer --num_workers or --num_workers 0")
         return 2
     except RuntimeError as exc:  # a collective operation failed because another process of the run died
         if D.get_world_size() == 1:

@@ -42,6 +42,26 @@ def _worker_message(captured: list, exc: BaseException) -> str:
             "failing sample's error")
 
 
+def killed_worker_error(pid, signal_name: str) -> UserError:
+    """The error for a worker stopped from outside the run (``kill``, the kernel's out-of-memory killer)."""
+    return UserError(f"data loader worker (pid {pid}) was killed by signal {signal_name}; it was stopped from "
+                     "outside the run (the system may have run out of memory: check `dmesg`); rerun, with fewer "
+                     "--num_workers or --num_workers 0")
+
+
+def _killed_worker(iterator) -> tuple[int, str] | None:
+    """(pid, signal name) of a worker of Paddle's ``iterator`` that a signal ended, if any."""
+    for worker in getattr(iterator, "_workers", None) or []:
+        code = worker.exitcode  # negative: ended by that signal
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = str(-code)
+            return worker.pid, name
+    return None
+
+
 class _WorkerInit:
     """Runs in every worker first: the worker dies with its parent (a killed or crashed main process must
     not leave workers holding hundreds of MB each), then the user's ``worker_init_fn``."""
@@ -95,9 +115,12 @@ class BatchLoader:
             raise
         except Exception as exc:
             # stop the workers now: left running, they keep the process from exiting
+            killed = _killed_worker(iterator)
             shutdown = getattr(iterator, "_try_shutdown_all", None)
             if shutdown is not None:
                 shutdown(1)
+            if killed is not None:  # Paddle's reader saw the dead worker before its SIGCHLD handler did
+                raise killed_worker_error(*killed) from None
             raise UserError(f"{self.name}: a data loader worker failed: {_worker_message(captured, exc)}") from None
         finally:
             threading.excepthook = previous
