@@ -48,8 +48,8 @@ def _single_label_predict(probs, num_classes, thresholds=None):
     return np.nan_to_num(probs, nan=-np.inf).argmax(axis=1)
 
 
-def _single_label_metrics(y_true, probs, num_classes, class_names=None, thresholds=None) -> dict:
-    out = compute_metrics(y_true, probs, num_classes, class_names)
+def _single_label_metrics(y_true, probs, num_classes, class_names=None, thresholds=None, classes=None) -> dict:
+    out = compute_metrics(y_true, probs, num_classes, class_names, classes=classes)
     names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     report = per_class_report(y_true, _single_label_predict(probs, num_classes), num_classes)
     report["auroc"] = out["per_class_auroc"]
@@ -250,92 +250,105 @@ def get_task(name: str) -> TaskSpec:
 
 def train_one_epoch(model, criterion: Callable, data_loader, optimizer, epoch: int, *, schedule,
                     accum_iter: int = 1, clip_grad: float | None = None, scaler=None, amp: AmpConfig | None = None,
-                    logger=None, print_freq: int = 20, global_step: int = 0) -> tuple[dict, int]:
+                    logger=None, print_freq: int | None = None, global_step: int = 0, epochs: int | None = None,
+                    print_interval: float = 30.0) -> tuple[dict, int]:
     """Train for one epoch.
 
     The LR is set at every optimizer step from the fractional epoch ``epoch + step / len(loader)``
     (the reference's per-iteration schedule): ``schedule.adjust(optimizer, e)`` applies it and returns it.
     Returns the epoch's averages ``{'loss', 'lr'}`` and the updated optimizer-step counter.
+
+    Progress (rank 0, ``util.progress.Progress``): a bar on a terminal; otherwise a line at step 1, every
+    ``print_interval`` seconds, at least every ``print_freq`` steps (``None``: by time only) and at the end.
+    ``epochs`` (the run's total) adds the run's ETA.
     """
     amp = amp or AmpConfig()
     model.train()
     n = len(data_loader)
-    distributed = get_world_size() > 1
-    progress = Progress(n, f"Epoch {epoch}", print_freq, enabled=get_rank() == 0)
+    world = get_world_size()
+    distributed = world > 1
     optimizer.clear_grad()
     loss_sum, lr, count = 0.0, 0.0, 0
-    for step, (samples, targets) in enumerate(data_loader):
-        if step % accum_iter == 0:
-            lr = schedule.adjust(optimizer, epoch + step / n)
-        with amp.autocast():
-            outputs = model(samples)
-            loss = criterion(outputs, targets)
-        loss_value = float(loss)
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"epoch {epoch}, step {step}: the training loss is {loss_value} (a finite number was "
-                "expected); lower the learning rate (--blr/--lr), enable --clip_grad, or check the data; "
-                "the last saved checkpoint was left untouched")
-        update = (step + 1) % accum_iter == 0
-        sync = contextlib.nullcontext() if (update or not distributed) else model.no_sync()
-        with sync:
-            scaled = loss / accum_iter
-            if scaler is not None:
-                scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
-        if update:
-            if clip_grad:
+    # "with": a terminal bar is closed on an error too, before the error is printed
+    with Progress(n, f"Epoch {epoch}", print_freq, enabled=get_rank() == 0, interval=print_interval, epoch=epoch,
+                  epochs=epochs, leave=True) as progress:
+        for step, (samples, targets) in enumerate(data_loader):
+            if step % accum_iter == 0:
+                lr = schedule.adjust(optimizer, epoch + step / n)
+            with amp.autocast():
+                outputs = model(samples)
+                loss = criterion(outputs, targets)
+            loss_value = float(loss)
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f"epoch {epoch}, step {step}: the training loss is {loss_value} (a finite number was "
+                    "expected); lower the learning rate (--blr/--lr), enable --clip_grad, or check the data; "
+                    "the last saved checkpoint was left untouched")
+            update = (step + 1) % accum_iter == 0
+            sync = contextlib.nullcontext() if (update or not distributed) else model.no_sync()
+            with sync:
+                scaled = loss / accum_iter
                 if scaler is not None:
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                # the global norm over all parameters, as torch's clip_grad_norm_ in the reference; not the
-                # optimizer's grad_clip, which Paddle applies to each parameter group separately
-                paddle.nn.utils.clip_grad_norm_(list(model.parameters()), clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.clear_grad()
-            global_step += 1
-            reduced = all_reduce_mean(loss_value)  # collective: every rank calls it, logger or not
-            if logger is not None:
-                logger.scalar("train/loss", reduced, global_step)
-                logger.scalar("train/lr", lr, global_step)
-        loss_sum += loss_value
-        count += 1
-        progress.update(step, loss=loss_value, lr=lr)
+                    scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            if update:
+                if clip_grad:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                    # the global norm over all parameters, as torch's clip_grad_norm_ in the reference; not the
+                    # optimizer's grad_clip, which Paddle applies to each parameter group separately
+                    paddle.nn.utils.clip_grad_norm_(list(model.parameters()), clip_grad)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.clear_grad()
+                global_step += 1
+                reduced = all_reduce_mean(loss_value)  # collective: every rank calls it, logger or not
+                if logger is not None:
+                    logger.scalar("train/loss", reduced, global_step)
+                    logger.scalar("train/lr", lr, global_step)
+            loss_sum += loss_value
+            count += 1
+            # images of all processes: each rank trains a batch per step
+            progress.update(step, images=len(targets) * world, loss=loss_value, lr=lr)
     return {"loss": all_reduce_mean(loss_sum / max(count, 1)), "lr": lr}, global_step
 
 
 @paddle.no_grad()
 def evaluate(model, data_loader, task: TaskSpec, num_classes: int, *, loss_fn: Callable | None = None,
              thresholds=None, tune: bool = False, class_names=None, amp: AmpConfig | None = None,
-             header: str = "Eval", print_freq: int = 20) -> tuple[dict, np.ndarray, np.ndarray]:
+             header: str = "Eval", print_freq: int | None = None,
+             print_interval: float = 30.0, classes=None) -> tuple[dict, np.ndarray, np.ndarray]:
     """Evaluate on a loader whose sampler is a ``ShardSampler`` (or sequential in a single process).
 
     Every example is counted exactly once whatever the number of processes: each rank evaluates its
     shard, the rows are gathered and put back in dataset order. ``loss_fn`` is a per-sample loss (default:
     the task's default loss). With ``tune`` the task's decision thresholds are fitted on these outputs
     (validation) and used for the ``*_tuned`` metrics; otherwise the given ``thresholds`` are (test).
+    ``classes`` (single-label): the class indices the macro averages run over (default all).
     Returns (metrics, y_true, outputs); ``metrics['thresholds']`` holds the thresholds used (or None).
+    Progress under ``header`` as in ``train_one_epoch`` (``print_freq``, ``print_interval``).
     """
     amp = amp or AmpConfig()
     loss_fn = loss_fn or build_loss(task.name, "auto", reduction="none")
     model.eval()
     rows = []
     width = task.label_dim(num_classes)
-    progress = Progress(len(data_loader), header, print_freq, enabled=get_rank() == 0)
-    for step, (samples, targets) in enumerate(data_loader):
-        with amp.autocast():
-            logits = model(samples)
-        logits = logits.astype("float32")
-        losses = loss_fn(logits, targets).reshape([-1, 1])
-        outputs = task.activation(logits)
-        target_cols = targets.astype("float64").reshape([-1, width])
-        rows.append(np.concatenate([target_cols.numpy(), losses.numpy().astype(np.float64),
-                                    outputs.numpy().astype(np.float64)], axis=1))
-        progress.update(step)
+    world = get_world_size()
+    with Progress(len(data_loader), header, print_freq, enabled=get_rank() == 0, interval=print_interval) as progress:
+        for step, (samples, targets) in enumerate(data_loader):
+            with amp.autocast():
+                logits = model(samples)
+            logits = logits.astype("float32")
+            losses = loss_fn(logits, targets).reshape([-1, 1])
+            outputs = task.activation(logits)
+            target_cols = targets.astype("float64").reshape([-1, width])
+            rows.append(np.concatenate([target_cols.numpy(), losses.numpy().astype(np.float64),
+                                        outputs.numpy().astype(np.float64)], axis=1))
+            progress.update(step, images=len(targets) * world)  # the shards differ by one image at most
     n_out = task.num_outputs(num_classes)
     local = np.concatenate(rows, axis=0) if rows else np.zeros((0, width + 1 + n_out))
     parts = gather_rows(local)
@@ -348,7 +361,8 @@ def evaluate(model, data_loader, task: TaskSpec, num_classes: int, *, loss_fn: C
     outputs = ordered[:, width + 1:]
     if tune and task.tune is not None and total:
         thresholds = np.asarray(task.tune(y_true, outputs, num_classes), dtype=np.float64)
-    metrics = task.metrics(y_true, outputs, num_classes, class_names, thresholds)
+    subset = {} if classes is None else {"classes": classes}  # single-label data with some of the classes
+    metrics = task.metrics(y_true, outputs, num_classes, class_names, thresholds, **subset)
     metrics = {"val_loss": float(ordered[:, width].mean()) if total else float("nan"), **metrics,
                "thresholds": None if thresholds is None else [float(t) for t in thresholds]}
     model.train()

@@ -2,7 +2,8 @@
 
     python main_finetune.py --data_path OCTID --nb_classes 5 [--finetune RETFound_mae_meh]
     python main_finetune.py --config configs/demo_retinamnist.yaml
-    python main_finetune.py --eval --resume CKPT --data_path D --nb_classes K
+    python main_finetune.py --eval --resume RUN_OR_CKPT [--data_path D]     # the checkpoint knows the rest
+    python main_finetune.py --resume RUN/checkpoint-last.pdparams [--epochs N]  # the run's own config.yaml
     python -m paddle.distributed.launch --nproc_per_node N main_finetune.py ...
 
 This file wires the parts together; it is the only place that reads the resolved config. Everything below
@@ -14,19 +15,17 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
-# Paddle's CPU kernels use one thread unless told otherwise; this must happen before Paddle is imported.
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(os.cpu_count() or 1, 8))))
+import numpy as np
 
-import random  # noqa: E402
-import warnings  # noqa: E402
+from util.errors import UserError
+from util.threads import math_threads
+from util.weights_files import find_weights
 
-import numpy as np  # noqa: E402
-
-# Paddle warns at import that ccache (a compiler cache for C++ extensions, unused here) is missing.
-warnings.filterwarnings("ignore", message="No ccache found")
-
-from util.errors import UserError  # noqa: E402
+MATH_THREADS = math_threads()  # before Paddle's import, handed to it in main() (util/threads.py says why)
+os.environ.setdefault("GLOG_minloglevel", "1")  # Paddle's C++ INFO lines (warnings and errors still show)
+warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's, at import: a C++ compiler cache
 
 
 def data_options(cfg):
@@ -34,16 +33,14 @@ def data_options(cfg):
     from util.datasets import DataOptions
 
     label_cols = [c.strip() for c in cfg.label_cols.split(",") if c.strip()] if cfg.label_cols else None
-    return DataOptions(image_col=cfg.image_col, label_cols=label_cols, grade_col=cfg.grade_col,
-                       split_col=cfg.split_col, val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio,
-                       split_seed=cfg.split_seed, image_root=cfg.image_root, left_col=cfg.left_col,
-                       right_col=cfg.right_col, patient_col=cfg.patient_col, eye_mode=cfg.eye_mode,
-                       task_type=cfg.task_type or None, sheet=cfg.sheet,
-                       allow_outside_paths=cfg.allow_outside_paths)
+    same = {k: getattr(cfg, k) for k in DataOptions.__dataclass_fields__ if k not in ("label_cols", "task_type")}
+    return DataOptions(**same, label_cols=label_cols, task_type=cfg.task_type or None)
 
 
 def main(cfg) -> dict:
     """Set up the process (distributed group, device, seeds, the run folder's lock), then ``run``."""
+    if cfg.finetune and not cfg.resume:
+        find_weights(cfg.finetune, cfg.weights_dir)  # a missing weights file fails first, before Paddle is set up
     import paddle
 
     from models import resolve_model_name
@@ -51,8 +48,10 @@ def main(cfg) -> dict:
     from util.cli import sigterm_as_interrupt
     from util.config import config_warnings
     from util.inference import select_device
+    from util.outputs.checkpoint import seed_everything
     from util.outputs.run_folder import RunFolderLock, check_new_run, remove_stale_temporaries
 
+    paddle.base.core.set_num_threads(MATH_THREADS)  # the MKL and OpenMP threads of Paddle's CPU kernels
     sigterm_as_interrupt()
     D.init_distributed()
     main_proc = D.get_rank() == 0
@@ -61,13 +60,10 @@ def main(cfg) -> dict:
         if main_proc:
             print(msg, flush=True)
 
-    for line in config_warnings(cfg):
+    for line in cfg._notes + config_warnings(cfg):
         say(line)
     device, amp = select_device(cfg.device, cfg.amp, cfg.amp_dtype, say)
-    seed = cfg.seed + D.get_rank()
-    random.seed(seed)
-    np.random.seed(seed)
-    paddle.seed(seed)
+    seed = seed_everything(cfg.seed + D.get_rank())
     model_name = resolve_model_name(cfg.model)
     data_name = os.path.splitext(os.path.basename(os.path.normpath(cfg.data_path)))[0]
     run_dir = os.path.join(cfg.output_dir, cfg.task or f"{model_name}_{data_name}") if cfg.output_dir else None
@@ -92,7 +88,7 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
 
     import engine_finetune as engine
     from models import create_model
-    from models.pretrained import load_weights, resolve_weights
+    from models.pretrained import load_weights
     from util import distributed as D
     from util.config import save_config
     from util.datasets import build_splits
@@ -102,21 +98,24 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
     from util.losses import build_criterion
     from util.lr_decay import freeze_backbone
     from util.outputs.recorder import Recorder
+    from util.outputs.reports import test_summary
     from util.outputs.run_folder import trim_to_epoch
     from util.outputs.run_log import RunLogger
+    from util.run_config import eval_classes
+    from util.threads import resolve_num_workers
     from util.training import FitOptions, fit
     from util.transforms.assemble import attach_transforms, build_reader
 
     main_proc, world = D.get_rank() == 0, D.get_world_size()
-    if cfg.finetune and not cfg.resume:
-        resolve_weights(cfg.finetune, cfg.weights_dir)  # missing weights fail now, not after the data and the model
     # data first: num_classes and the task come from it
     datasets = build_splits(cfg.data_path, ["test"] if cfg.eval else ["train", "val", "test"], cfg.nb_classes,
                             cfg.data_format or None, data_options(cfg), say)
     if not cfg.skip_image_check:  # on every rank, so all of them stop together
         check_dataset_images(datasets, say)  # every bad file at once, before any epoch is spent
     first = next(iter(datasets.values()))
-    class_names = list(first.class_names)
+    # --eval on data with some of the checkpoint's classes: matched by name, scored on those present
+    matched = eval_classes(datasets, cfg.resume, cfg.data_path, say) if cfg.eval and cfg.resume else None
+    class_names = list(matched.model_classes if matched else first.class_names)
     num_classes, task = cfg.nb_classes or len(class_names), engine.get_task(first.task_type)
     val_metric = task.check_metric(cfg.val_metric or task.default_val_metric, "--val_metric")
     model = create_model(model_name, num_classes=task.num_outputs(num_classes), drop_path_rate=cfg.drop_path,
@@ -139,16 +138,18 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
     resume_state = load_weights(model, identity, resume=cfg.resume, finetune=cfg.finetune, eval_only=cfg.eval,
                                 weights_dir=cfg.weights_dir, verbose=main_proc)
     if resume_state is not None and not cfg.eval and main_proc and run_dir:
-        dropped = trim_to_epoch(run_dir, int(resume_state["epoch"]))
-        if dropped:
-            say(f"resume: dropped the records of epochs after the checkpoint's epoch {resume_state['epoch']} ("
-                + ", ".join(f"{n} row(s) of {k}" for k, n in dropped.items()) + ")")
+        trim_to_epoch(run_dir, int(resume_state["epoch"]), say=say)  # records of epochs after the checkpoint's
+    thresholds = (resume_state or {}).get("thresholds") if cfg.eval else None
+    if matched is not None:  # the model's outputs for the data's classes
+        model, thresholds, class_names, num_classes = matched.apply(model, thresholds)
     if cfg.freeze_backbone:
         say(f"--freeze_backbone: {freeze_backbone(model)} backbone parameter tensors frozen; training the head only")
     n_parameters = sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient)
+    workers = resolve_num_workers(cfg.num_workers)  # --num_workers, else from the cores (util/threads.py)
     say(f"Model {model_name}: {n_parameters / 1e6:.2f} M trainable parameters, task {task.name}, "
-        f"{num_classes} {'labels' if task.name == 'multi_label' else 'classes'}, input {data_cfg['input_size']} px")
-    loaders, seeders = build_loaders(datasets, cfg.batch_size, cfg.num_workers, seed, D.get_rank(), world,
+        f"{num_classes} {'labels' if task.name == 'multi_label' else 'classes'}, input {data_cfg['input_size']} px; "
+        f"CPU: {MATH_THREADS} math thread(s), {workers} data loader worker(s)")
+    loaders, seeders = build_loaders(datasets, cfg.batch_size, workers, seed, D.get_rank(), world,
                                      balanced=cfg.balanced_sampler and not cfg.eval)
     bare_model = model
     if world > 1:
@@ -161,7 +162,6 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
                   class_weights=cfg.class_weights, pos_weight=cfg.pos_weight, focal_alpha=cfg.focal_alpha,
                   focal_gamma=cfg.focal_gamma, say=say)
     eval_loss = build_criterion(task, cfg.loss, reduction="none", **losses)
-    thresholds = (resume_state or {}).get("thresholds") if cfg.eval else None
     if not cfg.eval:
         opts = FitOptions(**{k: getattr(cfg, k) for k in FitOptions.__dataclass_fields__ if hasattr(cfg, k)
                              and k not in ("val_metric", "seed", "info")}, val_metric=val_metric, seed=seed,
@@ -173,13 +173,17 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
                          logger=logger, recorder=recorder, opts=opts, resume_state=resume_state, say=say)
     stats, y_true, outputs = engine.evaluate(model, loaders["test"], task, num_classes, loss_fn=eval_loss,
                                              thresholds=thresholds, class_names=class_names, amp=amp,
-                                             header="Test", print_freq=cfg.print_freq)
+                                             header="Test", print_freq=cfg.print_freq,
+                                             classes=matched.macro_over if matched else None)
     D.stop_watching_peers()  # the test gather was the last collective: the other ranks may now exit
-    say("Test: " + ", ".join(f"{k} {stats[k]:.4f}" for k in task.columns if k in stats))
-    if stats.get("thresholds") is not None:
-        say("Test thresholds (tuned on val): " + ", ".join(f"{t:.3f}" for t in stats["thresholds"]))
+    for line in test_summary(stats, outputs, task.columns):
+        say(line)
+    if cfg.eval:
+        recorder.tested_weights(checkpoint_epoch=(resume_state or {}).get("epoch"))
     recorder.test(stats, y_true, outputs, datasets["test"], num_classes)
     logger.close()
+    if run_dir:
+        say(f"outputs: {os.path.abspath(run_dir)}")
     return stats
 
 

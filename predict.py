@@ -19,20 +19,19 @@ References: the DR-grading seed system's predict step (README.md, Seed systems).
 """
 from __future__ import annotations
 
+import argparse
+import csv
 import os
 import sys
+import warnings
 
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(os.cpu_count() or 1, 8))))
+import numpy as np
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import warnings  # noqa: E402
+from util.errors import UserError
+from util.threads import math_threads
 
-import numpy as np  # noqa: E402
-
+MATH_THREADS = math_threads()  # before Paddle's import, handed to it after (util/threads.py)
 warnings.filterwarnings("ignore", message="No ccache found")
-
-from util.errors import UserError  # noqa: E402
 
 
 def find_images(path: str) -> list[str]:
@@ -72,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 def predict(a) -> int:
     import paddle
 
+    paddle.base.core.set_num_threads(MATH_THREADS)
+
     import engine_finetune as engine
     from models import create_model
     from models.pretrained import load_state_dict_strict
@@ -79,6 +80,7 @@ def predict(a) -> int:
     from util.fileio import atomic_path, display_path
     from util.inference import RunIdentity, select_device
     from util.outputs.checkpoint import read_toolkit_checkpoint
+    from util.progress import Progress
     from util.transforms.assemble import eval_inputs
 
     state = read_toolkit_checkpoint(a.resume)
@@ -115,13 +117,14 @@ def predict(a) -> int:
         names = [display_path(os.path.relpath(f, base).replace(os.sep, "/")) for f in items]
 
     outputs = []
-    with paddle.no_grad():
-        for start in range(0, len(items), a.batch_size):
+    starts = range(0, len(items), a.batch_size)
+    # on stderr, so that stdout keeps the result line; a bar on a terminal, else a line every 30 s
+    with paddle.no_grad(), Progress(len(starts), "Predict", stream=sys.stderr, leave=True) as progress:
+        for step, start in enumerate(starts):
             batch = np.stack([load(it) for it in items[start:start + a.batch_size]])
             logits = model(paddle.to_tensor(batch)).astype("float32")
             outputs.append(task.activation(logits).numpy().astype(np.float64))
-            print(f"\rpredicted {min(start + a.batch_size, len(items))}/{len(items)}", end="", file=sys.stderr)
-    print(file=sys.stderr)
+            progress.update(step, images=len(batch))
     outputs = np.concatenate(outputs)
     preds = task.predict(outputs, num_classes, thresholds)
     with atomic_path(a.output, suffix=".csv") as tmp:

@@ -1,9 +1,9 @@
 """EfficientNet-B0..B4 and EfficientNetV2-M classifiers on PaddleClas backbones, with the model contract.
 
 The seed systems train EfficientNet-B4 at 380 px (multi-label fundus, external-eye photos) and
-EfficientNetV2-M at 380 px (DR grading as regression). Two things are changed on the PaddleClas networks
-after construction, both without touching their parameter names (so PaddleClas ImageNet ``.pdparams`` files
-still load by adding the ``backbone.`` prefix):
+EfficientNetV2-M at 380 px (DR grading as regression). Three things are changed on the PaddleClas networks
+after construction, none of them touching their parameter names (so PaddleClas ImageNet ``.pdparams`` files
+still load by adding the ``backbone.`` prefix) or their numbers:
 
 * **Padding.** PaddleClas computes TensorFlow "SAME" padding once, from a per-model table of the input size
   of every stage at the ImageNet resolution (B4: 380, V2: 384), and emulates the asymmetric case by padding
@@ -14,6 +14,12 @@ still load by adding the ``backbone.`` prefix):
 * **Parameter names.** PaddleClas's B-series gives its parameters fixed global names (``_conv_stem_weights``),
   which Paddle allows only once per process; the network is built in a fresh name scope and its parameters
   are then renamed to process-unique names, so several models (tests, dual-eye models) can coexist.
+* **Batch norm notice.** ``paddle.nn.BatchNorm2D`` warns "When training, we now always track global mean
+  and variance." on every training call, whatever its settings (a fixed notice on how it keeps its running
+  statistics, from ``_BatchNormBase.forward`` in Paddle's ``nn/layer/norm.py``, not about the model).
+  PaddleClas's V2 uses ``BatchNorm2D`` throughout (the B-series, like ResNet, uses the older ``nn.BatchNorm``,
+  which does not warn), so a V2 run printed it; its batch norms become ``_QuietBatchNorm2D``, which makes the
+  same checks and the same ``F.batch_norm`` call without the notice.
 
 ``drop_path_rate`` is PaddleClas's per-block stochastic depth (B-series ``drop_connect_rate``, V2
 ``1 - survival_prob``), growing linearly from 0 at the first block; 0 (the default) disables it. The
@@ -30,6 +36,7 @@ TensorFlow's SAME padding (``tf.nn.conv2d``).
 from __future__ import annotations
 
 import paddle
+import paddle.nn.functional as F
 from paddle import nn
 from paddle.utils import unique_name
 
@@ -63,6 +70,30 @@ def use_dynamic_same_padding(net: nn.Layer, conv_cls: type) -> int:
         layer._conv = new
         layer.need_crop = False
         n += 1
+    return n
+
+
+class _QuietBatchNorm2D(nn.BatchNorm2D):
+    """``nn.BatchNorm2D`` without the notice its forward prints in training (see the module docstring): the
+    same input checks and the same functional call, so outputs, gradients and running statistics are
+    identical."""
+
+    def forward(self, input: paddle.Tensor) -> paddle.Tensor:
+        self._check_data_format(self._data_format)
+        self._check_input_dim(input)
+        return F.batch_norm(input, self._mean, self._variance, weight=self.weight, bias=self.bias,
+                            training=self.training, momentum=self._momentum, epsilon=self._epsilon,
+                            data_format=self._data_format, use_global_stats=self._use_global_stats)
+
+
+def quiet_batch_norms(net: nn.Layer) -> int:
+    """Turn every ``nn.BatchNorm2D`` of ``net`` into a ``_QuietBatchNorm2D`` in place (parameters, buffers and
+    settings kept). Returns how many were changed."""
+    n = 0
+    for layer in net.sublayers():
+        if type(layer) is nn.BatchNorm2D:
+            layer.__class__ = _QuietBatchNorm2D
+            n += 1
     return n
 
 
@@ -129,6 +160,7 @@ class PaddleClasEfficientNetV2(PaddleClasCNN):
         net = V2.EfficientNetV2(model_name, cfg.blocks_args, cfg, include_top=True, class_num=max(num_classes, 1),
                                 padding_type="SAME")
         use_dynamic_same_padding(net, V2.Conv2ds)
+        quiet_batch_norms(net)
         self.backbone = net
         self.drop_path_rate = drop_path_rate
 

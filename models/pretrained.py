@@ -11,8 +11,10 @@ When the head did not come from the checkpoint it is re-initialised with ``reset
 ``load_finetuned`` is ``--eval``/``--resume`` from a RETFound fine-tuned checkpoint: every key must match,
 head included, and nothing is re-initialised.
 
-A bare name (``RETFound_mae_meh``) is looked up as ``<weights_dir>/<name>.pth|.pdparams|.safetensors``;
-nothing is ever downloaded.
+Weights are located by ``util.weights_files.find_weights`` (re-exported here as ``resolve_weights``): a bare name
+(``RETFound_mae_meh``) is ``<weights_dir>/<name>.pth|.pdparams|.safetensors``, a bare file name
+(``EfficientNetB4_pretrained.pdparams``) is looked for in the current folder, then in ``weights_dir``, a path
+with a directory part is taken as given; nothing is ever downloaded.
 
 References: rmaphoh/RETFound_MAE and facebookresearch/mae ``main_finetune.py`` (drop a mismatched head,
 ``interpolate_pos_embed``, ``load_state_dict(strict=False)`` with the missing-keys assertion,
@@ -20,7 +22,6 @@ References: rmaphoh/RETFound_MAE and facebookresearch/mae ``main_finetune.py`` (
 """
 from __future__ import annotations
 
-import os
 import re
 import sys
 from typing import Any
@@ -29,40 +30,11 @@ import numpy as np
 import paddle
 
 from util.errors import UserError
-
-WEIGHT_EXTENSIONS = (".pth", ".pdparams", ".safetensors")
-_KNOWN_EXTENSIONS = (".pth", ".pt", ".bin", ".pdparams", ".safetensors")
-RETFOUND_URL = "https://github.com/rmaphoh/RETFound_MAE"
-
+from util.weights_files import find_weights
 
 # ----------------------------------------------------------------------------------------------- locating
-def resolve_weights(source: str, weights_dir: str = "./weights") -> str:
-    """Path of the weights file for ``source`` (a file path or a bare weights name).
-
-    A bare name (no directory part, no known extension) is looked up in ``weights_dir`` with each of the
-    extensions ``.pth``, ``.pdparams``, ``.safetensors``. Raises ``UserError`` naming every path tried and how
-    to obtain and convert RETFound weights.
-    """
-    source = os.fspath(source)
-    ext = os.path.splitext(source)[1].lower()
-    if ext in _KNOWN_EXTENSIONS:
-        candidates = [source]
-    elif os.sep in source or "/" in source:
-        candidates = [source] + [source + e for e in WEIGHT_EXTENSIONS]
-    else:
-        candidates = [os.path.join(weights_dir, source + e) for e in WEIGHT_EXTENSIONS]
-    for c in candidates:
-        if os.path.isfile(c):
-            return c
-    name = os.path.splitext(os.path.basename(source))[0] or "RETFound_mae_meh"
-    raise UserError(
-        f"pretrained weights {source!r}: no file found (looked at: {', '.join(candidates)}); "
-        f"RETFound weights are published on the Hugging Face hub (e.g. YukunZhou/RETFound_mae_meh, "
-        f"YukunZhou/RETFound_mae_natureCFP, YukunZhou/RETFound_mae_natureOCT; list at {RETFOUND_URL}) and "
-        f"cannot be downloaded from here: fetch {name}.pth on a machine with internet access, copy it into "
-        f"{weights_dir}/ and convert it once with `python -m models.convert {name}.pth "
-        f"{os.path.join(weights_dir, name)}.pdparams` (a .pth placed at {os.path.join(weights_dir, name)}.pth "
-        f"is also read directly), or pass the file's path")
+# the former name, kept for its callers; the one lookup is util.weights_files.find_weights
+resolve_weights = find_weights
 
 
 def read_paddle_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict]:
@@ -155,7 +127,7 @@ def load_pretrained(model: paddle.nn.Layer, source: str, weights_dir: str = "./w
         A report: ``path``, ``format``, ``loaded`` / ``dropped`` / ``missing`` key lists, ``head_reset``,
         ``pos_embed_resized`` (``(old_grid, new_grid)`` or ``None``) and ``convert`` (the converter's report).
     """
-    path = resolve_weights(source, weights_dir)
+    path = find_weights(source, weights_dir)
     sd, convert_report = read_paddle_state_dict(path)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     new_sd, allowed_missing = model.prepare_pretrained(sd)
@@ -201,7 +173,7 @@ def _head_keys(model: paddle.nn.Layer, own: dict) -> list[str]:
 def load_finetuned(model: paddle.nn.Layer, source: str, weights_dir: str = "./weights",
                    verbose: bool = True) -> dict[str, Any]:
     """Load a fine-tuned checkpoint for evaluation or resuming: every key and shape must match, head included."""
-    path = resolve_weights(source, weights_dir)
+    path = find_weights(source, weights_dir)
     sd, convert_report = read_paddle_state_dict(path)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     _check_keys(path, own, sd, set(), getattr(model, "global_pool", None))

@@ -54,15 +54,17 @@ def main(argv: list[str] | None = None) -> int:
         row = read_last_row(os.path.join(run, "metrics_test.csv"))
         name = os.path.basename(os.path.normpath(run)).ljust(width)
         cols = columns_for(row) if row is not None else header or COLUMNS
+        # each column as wide as its name (at least a value's) plus two spaces, so no two headers touch
+        widths = [max(len(c), 8) + 2 for c in cols]
         if cols != header:  # a header line whenever the task type (and so the columns) changes
-            print("run".ljust(width) + "".join(c.rjust(18) for c in cols))
+            print("run".ljust(width) + "".join(c.rjust(w) for c, w in zip(cols, widths)))
             header = cols
         if row is None:
             print(name + "  (no metrics_test.csv: the run did not finish)")
             missing += 1
             continue
-        print(name + "".join(f"{float(row[c]):18.4f}" if row.get(c) not in (None, "") else "-".rjust(18)
-                             for c in cols))
+        print(name + "".join(f"{float(row[c]):{w}.4f}" if row.get(c) not in (None, "") else "-".rjust(w)
+                             for c, w in zip(cols, widths)))
         if a.demo:
             auc, acc = float(row["roc_auc"]), float(row["accuracy"])
             print("\nRetinaMNIST test set       AUROC   accuracy")

@@ -13,9 +13,7 @@ import sys
 import threading
 from typing import Callable
 
-from util import distributed as D
-from util.datasets.loader import killed_worker_error
-from util.errors import UserError
+from util.errors import UserError, killed_worker_error
 from util.outputs.run_folder import describe_interrupted
 
 
@@ -57,6 +55,8 @@ def run_command(fn: Callable[[], object]) -> int:
                  "out of memory: check `dmesg`); rerun, with fewer --num_workers or --num_workers 0")
         return 2
     except RuntimeError as exc:  # a collective operation failed because another process of the run died
+        from util import distributed as D  # Paddle: imported by then (flag errors come before it)
+
         if D.get_world_size() == 1:
             raise
         D.stop_watching_peers()  # this handler says it, once

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import textwrap
 from typing import Any
 
 import yaml
@@ -48,44 +49,86 @@ def _device(value: str) -> str:
     return 'gpu' if value.startswith('cuda') else value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: X)`` to a flag's help only where X says something: not for a ``None`` or empty default
+    (the help then says in words what happens without the flag, e.g. ``(default: from the data)``), not where
+    the help already states its default, and not for the reference spellings that set another flag's value
+    (their default is ``SUPPRESS``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ''
+        if '%(default)' in text or '(default:' in text or action.default in (None, '', argparse.SUPPRESS):
+            return text
+        return text + ' (default: %(default)s)'
+
+    # wrap between words only, so a flag such as --no-global_pool is never split at its hyphen
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(' '.join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(' '.join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+
+_USAGE = """%(prog)s --data_path PATH [--finetune WEIGHTS] [options]
+       %(prog)s --config PRESET.yaml [options]
+       %(prog)s --resume RUN_FOLDER [--eval] [options]"""
+
+_DESCRIPTION = ("Fine-tune RETFound (or another registered model) on retinal images with PaddlePaddle: "
+                "single-label or multi-label classification, or regression (grading); the dataset decides which "
+                "(--task_type overrides it). Flags keep the RETFound reference spellings. Every flag can also come "
+                "from a YAML preset: parser defaults < --config preset < flags on the command line.")
+
+_EPILOG = ("CPU threads: OMP_NUM_THREADS when set, else this process's share of the cores it may use (divided "
+           "among the processes paddle.distributed.launch starts on this machine), at most 8. Data loader "
+           "workers: see --num_workers.")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """The fine-tuning argument parser with every reference flag and the RETFound recipe defaults."""
-    p = _Parser(prog='main_finetune.py', description='Fine-tune RETFound (or another registered model) on a '
-                'retinal image classification dataset (PaddlePaddle).', allow_abbrev=False,
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog='main_finetune.py', usage=_USAGE, description=_DESCRIPTION, epilog=_EPILOG,
+                allow_abbrev=False, formatter_class=_HelpFormatter)
     b = argparse.BooleanOptionalAction
-    p.add_argument('--config', default=None, type=str,
-                   help='YAML preset: keys are flag names (batch_size: 16); command-line flags override it')
+    p.add_argument('--config', default=None, type=str, metavar='PRESET.yaml',
+                   help='YAML preset: keys are flag names (batch_size: 16); flags on the command line override it')
 
     g = p.add_argument_group('training')
     g.add_argument('--batch_size', default=16, type=int,
                    help='batch size per process (effective batch = batch_size * accum_iter * processes)')
-    g.add_argument('--epochs', default=100, type=int)
+    g.add_argument('--epochs', default=100, type=int,
+                   help='training epochs (with --resume: the total, so a larger value extends the run)')
     g.add_argument('--accum_iter', default=1, type=int, help='gradient accumulation steps per optimizer step')
-    g.add_argument('--print_freq', default=20, type=int, help='log every N iterations')
+    g.add_argument('--print_freq', default=20, type=int, help='progress lines when not on a terminal: at step 1, every 30 s, at the end, '
+                   'and at least every N steps')
     g.add_argument('--amp', default=False, action=b, help='automatic mixed precision (GPU only)')
-    g.add_argument('--amp_dtype', default='float16', choices=['float16', 'bfloat16'])
+    g.add_argument('--amp_dtype', default='float16', choices=['float16', 'bfloat16'],
+                   help='AMP precision: float16 (with dynamic loss scaling) or bfloat16')
 
     g = p.add_argument_group('model')
     g.add_argument('--model', default='retfound_mae', type=str,
                    help='registered model name (reference spellings such as RETFound_mae resolve too)')
     g.add_argument('--input_size', default=None, type=int,
-                   help="image size (default: the model's own: 224 for retfound_mae, 380 for efficientnet_b4, ...)")
+                   help="image size in pixels (default: the model's own: 224 for retfound_mae, 380 for "
+                        "efficientnet_b4, ...)")
     g.add_argument('--crop_pct', default=None, type=float,
-                   help="eval resize = input_size / crop_pct then centre crop (default: the model's, RETFound: "
-                        "224/256 up to 224 px, else 1.0); also the resize before the basic policy's random crop")
+                   help="eval resize = input_size / crop_pct then centre crop; also the resize before the basic "
+                        "policy's random crop (default: the model's; RETFound: 224/256 up to 224 px, else 1.0)")
     g.add_argument('--drop_path', default=0.2, type=float, help='stochastic depth rate')
     g.add_argument('--global_pool', default=True, action=b,
-                   help='mean-pool the patch tokens (+ fc_norm); --no-global_pool uses the cls token')
-    g.add_argument('--cls_token', action='store_false', dest='global_pool',
-                   help='reference spelling of --no-global_pool')
+                   help='ViT models: classify the mean of the patch tokens (then fc_norm), as the RETFound recipe; '
+                        '--no-global_pool classifies the cls token (after the final norm); CNNs always average')
+    g.add_argument('--cls_token', action='store_false', dest='global_pool', default=argparse.SUPPRESS,
+                   help='ViT models: classify the cls token instead of the mean patch token (the reference '
+                        'spelling of --no-global_pool)')
     g.add_argument('--freeze_backbone', default=False, action=b,
                    help='train only the head (every parameter the model places below its head is frozen)')
 
     g = p.add_argument_group('optimizer')
-    g.add_argument('--clip_grad', default=None, type=float, help='clip gradients to this global L2 norm')
-    g.add_argument('--weight_decay', default=0.05, type=float)
-    g.add_argument('--lr', default=None, type=float, help='absolute peak LR (overrides --blr)')
+    g.add_argument('--clip_grad', default=None, type=float,
+                   help='clip gradients to this global L2 norm (default: no clipping)')
+    g.add_argument('--weight_decay', default=0.05, type=float,
+                   help='weight decay (none on biases, norms, pos_embed and cls_token)')
+    g.add_argument('--lr', default=None, type=float, help='absolute peak LR (default: from --blr)')
     g.add_argument('--blr', default=5e-3, type=float,
                    help='base LR: peak LR = blr * effective batch size / 256')
     g.add_argument('--layer_decay', default=0.65, type=float, help='layer-wise LR decay')
@@ -109,12 +152,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('augmentation')
     g.add_argument('--color_jitter', default=None, type=float,
-                   help='colour jitter factor (used only when --aa is disabled)')
+                   help='brightness/contrast/saturation jitter factor: --train_aug basic and dual-eye whenever '
+                        'given, retfound only with --aa none (default: no jitter)')
     g.add_argument('--train_aug', default='retfound', choices=['retfound', 'basic'],
                    help='train augmentation: the RETFound recipe (random resized crop, RandAugment, erasing) or '
                         'basic (resize, random crop, flips, rotation, optional colour jitter) as the CNN seeds use')
     g.add_argument('--hflip', default=0.5, type=float, help='horizontal flip probability')
-    g.add_argument('--vflip', default=0.0, type=float, help='vertical flip probability (basic and dual-eye)')
+    g.add_argument('--vflip', default=0.0, type=float, help='vertical flip probability')
     g.add_argument('--rotation', default=15.0, type=float, help='max rotation in degrees (basic and dual-eye)')
     g.add_argument('--fundus_crop', default='none', choices=['none', 'fov', 'circle', 'fov_circle'],
                    help='fundus preprocessing before augmentation: crop the black border (fov), the inscribed '
@@ -126,25 +170,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--cache_dir', default='', type=str,
                    help='keep preprocessed images here so large originals are decoded once (default: no cache)')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', type=str,
-                   help="RandAugment policy (timm syntax); '' or 'none' disables it")
+                   help="RandAugment policy (timm syntax) of --train_aug retfound; '' or 'none' disables it")
     g.add_argument('--smoothing', default=0.1, type=float,
                    help='label smoothing (0.1 as in the 2023/24 RETFound reference; the 2025 reference uses 0)')
-    g.add_argument('--reprob', default=0.25, type=float, help='random erasing probability')
-    g.add_argument('--remode', default='pixel', choices=['pixel', 'rand', 'const'], help='random erasing mode')
-    g.add_argument('--recount', default=1, type=int, help='random erasing count')
+    g.add_argument('--reprob', default=0.25, type=float, help='random erasing probability (--train_aug retfound)')
+    g.add_argument('--remode', default='pixel', choices=['pixel', 'rand', 'const'],
+                   help='random erasing fill: pixel (per-pixel noise), rand (one noise colour per rectangle) or '
+                        'const (zeros: the mean colour)')
+    g.add_argument('--recount', default=1, type=int, help='random erasing: 1 to N rectangles per image')
     g.add_argument('--resplit', default=False, action=b,
                    help='accepted for compatibility (only matters for the first erasing split, unused here)')
     g.add_argument('--mixup', default=0.0, type=float, help='mixup alpha (not implemented yet: must be 0)')
     g.add_argument('--cutmix', default=0.0, type=float, help='cutmix alpha (not implemented yet: must be 0)')
     g.add_argument('--cutmix_minmax', default=None, type=float, nargs=2, metavar=('MIN', 'MAX'),
                    help='cutmix min/max ratio (not implemented yet)')
-    g.add_argument('--mixup_prob', default=1.0, type=float)
-    g.add_argument('--mixup_switch_prob', default=0.5, type=float)
-    g.add_argument('--mixup_mode', default='batch', choices=['batch', 'pair', 'elem'])
+    g.add_argument('--mixup_prob', default=1.0, type=float, help='probability of mixup or cutmix (not implemented yet)')
+    g.add_argument('--mixup_switch_prob', default=0.5, type=float,
+                   help='probability of cutmix instead of mixup (not implemented yet)')
+    g.add_argument('--mixup_mode', default='batch', choices=['batch', 'pair', 'elem'],
+                   help='mixup/cutmix per batch, pair or element (not implemented yet)')
 
     g = p.add_argument_group('task, loss and model selection')
-    g.add_argument('--task_type', default='', choices=['', *TASK_NAMES],
-                   help="override the dataset's task (e.g. single_label on a grading CSV); default: the dataset's")
+    g.add_argument('--task_type', default='', choices=['', *TASK_NAMES], metavar='{' + ','.join(TASK_NAMES) + '}',
+                   help="override the dataset's task, e.g. single_label on a grading CSV (default: the dataset's)")
     g.add_argument('--loss', default='auto', choices=['auto', 'ce', 'bce', 'focal', 'hybrid', 'smooth_l1', 'mse'],
                    help='auto: ce (single-label), bce (multi-label), smooth_l1 (regression); hybrid = 0.5 bce + '
                         '0.5 focal')
@@ -153,15 +201,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--pos_weight', default=False, action=b,
                    help='multi-label BCE pos_weight = negatives / positives per label on the training split')
     g.add_argument('--focal_alpha', default=None, type=float,
-                   help='focal loss alpha in [0, 1] (-1: none); default 0.25 for focal, 0.3 for hybrid')
+                   help='focal loss alpha in [0, 1], -1 for none (default: 0.25 with --loss focal, 0.3 with hybrid)')
     g.add_argument('--focal_gamma', default=None, type=float,
-                   help='focal loss gamma; default 2.0 for focal, 2.5 for hybrid')
+                   help='focal loss gamma (default: 2.0 with --loss focal, 2.5 with hybrid)')
     g.add_argument('--val_metric', default='', type=str,
                    help='validation metric that picks the best checkpoint (default: score for single-label, '
                         'roc_auc for multi-label, kappa_quadratic for regression)')
     g.add_argument('--tune_thresholds', default=None, action=b,
                    help='tune decision thresholds on validation and apply them at test (default: on for '
-                        'multi-label, off for regression)')
+                        'multi-label, off for regression; single-label predicts the argmax)')
+    g.add_argument('--patience', default=0, type=int,
+                   help='early stopping: stop when --val_metric has not improved for N epochs in a row (0: off)')
     g.add_argument('--per_class_report', default=False, action=b,
                    help='print per-class precision/recall/F1 after every epoch (always written to '
                         'per_class_val.csv)')
@@ -171,19 +221,33 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('dataset format (CSV and dual-eye tables)')
     g.add_argument('--data_format', default='', type=str,
                    help='folder, npz, csv_multilabel, csv_grading or odir (default: detected from --data_path)')
-    g.add_argument('--image_col', default=None, type=str, help='CSV column with the image path')
-    g.add_argument('--label_cols', default=None, type=str, help='comma-separated label columns of a CSV')
-    g.add_argument('--grade_col', default=None, type=str, help='CSV column with the numeric grade')
-    g.add_argument('--split_col', default=None, type=str, help='CSV column naming the split (train/val/test)')
+    g.add_argument('--image_col', default=None, type=str,
+                   help='CSV column with the image path (default: a column named like image, filename or path, '
+                        'else the only text column)')
+    g.add_argument('--label_cols', default=None, type=str,
+                   help='comma-separated 0/1 label columns of a multi-label CSV (default: the numeric columns '
+                        'other than id, age, sex, patient and split ones)')
+    g.add_argument('--grade_col', default=None, type=str,
+                   help='CSV column with the numeric grade (default: the one named like grade, level, diagnosis '
+                        'or label, or the only numeric column)')
+    g.add_argument('--split_col', default=None, type=str,
+                   help='CSV column naming the split, train/val/test (default: a column named split; without '
+                        'one the data is split here)')
     g.add_argument('--val_ratio', default=0.15, type=float, help='validation fraction when the data is split here')
     g.add_argument('--test_ratio', default=0.15, type=float,
                    help='test fraction when the data is split here (0: test on the validation split)')
     g.add_argument('--split_seed', default=0, type=int, help='seed of the split made here')
     g.add_argument('--image_root', default=None, type=str,
                    help='folder the image paths of a table are relative to (default: the table\'s folder)')
-    g.add_argument('--left_col', default=None, type=str, help='paired table: left-eye image column')
-    g.add_argument('--right_col', default=None, type=str, help='paired table: right-eye image column')
-    g.add_argument('--patient_col', default=None, type=str, help='paired table: patient id column (splits by patient)')
+    g.add_argument('--left_col', default=None, type=str,
+                   help='paired table: left-eye image column (default: Left-Fundus, or one named like left_image)')
+    g.add_argument('--right_col', default=None, type=str,
+                   help='paired table: right-eye image column (default: Right-Fundus, or one named like '
+                        'right_image)')
+    g.add_argument('--patient_col', default=None, type=str,
+                   help='patient id column: a split made here keeps each patient in one split, in every '
+                        'table format (default: a column named patient_id, patient, subject_id, subject, '
+                        'participant_id, participant, pid, or ID when its values repeat)')
     g.add_argument('--eye_mode', default='dual', choices=['dual', 'per_eye'],
                    help='dual: one sample per patient (left, right); per_eye: one sample per eye image')
     g.add_argument('--sheet', default=None, type=str,
@@ -196,36 +260,48 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('weights and data')
     g.add_argument('--finetune', default='', type=str,
                    help='pre-trained weights: a local file, or a name such as RETFound_mae_meh looked up in '
-                        '--weights_dir')
+                        '--weights_dir (default: none, random initialisation)')
     g.add_argument('--weights_dir', default='./weights', type=str, help='where named weights are looked up')
     g.add_argument('--task', default='', type=str,
-                   help='run folder name under --output_dir (default: derived from model and data)')
+                   help='run folder name under --output_dir (default: <model>_<data folder or file name>)')
     g.add_argument('--data_path', default=None, type=str,
                    help='class-folder root (<root>/train|val|test/<class>/), .npz file, CSV table (multi-label '
-                        'or grading), folder of train/val/test CSVs, or ODIR-5K .xlsx/.csv; required')
+                        'or grading), folder of train/val/test CSVs, or ODIR-5K .xlsx/.csv; required unless '
+                        '--config or --resume RUN_FOLDER gives it')
     g.add_argument('--nb_classes', default=None, type=int, help='number of classes (default: from the data)')
-    g.add_argument('--output_dir', default='./output_dir', type=str)
-    g.add_argument('--log_dir', default=None, type=str, help='VisualDL log folder (default: none)')
+    g.add_argument('--output_dir', default='./output_dir', type=str,
+                   help='parent of the run folder <output_dir>/<task>/, which holds the checkpoints, metrics, '
+                        'log.txt, config.yaml and VisualDL records')
+    g.add_argument('--log_dir', default=None, type=str,
+                   help='write the VisualDL records (vdlrecords.*) here instead; everything else stays in the '
+                        'run folder (default: the run folder)')
 
     g = p.add_argument_group('run')
     g.add_argument('--device', default='auto', type=_device, choices=['auto', 'cpu', 'gpu'],
                    help="'auto' uses a GPU when Paddle sees one ('cuda' means gpu)")
     g.add_argument('--seed', default=0, type=int, help='random seed (+ process rank)')
-    g.add_argument('--resume', default='', type=str, help='checkpoint to resume from')
-    g.add_argument('--start_epoch', default=0, type=int)
-    g.add_argument('--eval', default=False, action=b, help='only evaluate (on the test split)')
+    g.add_argument('--resume', default='', type=str,
+                   help='continue the run of this checkpoint or run folder (its checkpoint-last.pdparams) with '
+                        'its config; with --eval: the checkpoint to evaluate (a folder: its checkpoint-best)')
+    g.add_argument('--start_epoch', default=0, type=int,
+                   help='first epoch of a new run (a resumed run continues after its checkpoint\'s epoch)')
+    g.add_argument('--eval', default=False, action=b, help='only evaluate --resume on the test split, no training')
     g.add_argument('--dist_eval', default=False, action=b,
                    help='accepted for compatibility: distributed evaluation is always exact here')
-    g.add_argument('--num_workers', default=10, type=int, help='data loader worker processes')
+    g.add_argument('--num_workers', default=None, type=int,
+                   help='data loader worker processes; 0 reads the batches in the main process (default: from '
+                        "the cores: one less than this process's share, at most 8)")
     g.add_argument('--pin_mem', default=True, action=b, help='pin host memory for faster GPU copies')
-    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='reference spelling of --no-pin_mem')
+    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', default=argparse.SUPPRESS,
+                   help='reference spelling of --no-pin_mem')
     g.add_argument('--savemodel', default=True, action=b, help='save the best checkpoint')
 
-    g = p.add_argument_group('launcher (' + _LAUNCHER_NOTE + '; the launcher sets the environment)')
-    g.add_argument('--world_size', default=1, type=int, help=_LAUNCHER_NOTE)
-    g.add_argument('--local_rank', default=-1, type=int, help=_LAUNCHER_NOTE)
-    g.add_argument('--dist_on_itp', default=False, action=b, help=_LAUNCHER_NOTE)
-    g.add_argument('--dist_url', default='env://', type=str, help=_LAUNCHER_NOTE)
+    g = p.add_argument_group('reference launcher flags', _LAUNCHER_NOTE + '; start several processes with '
+                             '`python -m paddle.distributed.launch --nproc_per_node N main_finetune.py ...`')
+    g.add_argument('--world_size', default=1, type=int, help='ignored: the launcher sets the number of processes')
+    g.add_argument('--local_rank', default=-1, type=int, help="ignored: the launcher sets each process's rank")
+    g.add_argument('--dist_on_itp', default=False, action=b, help="ignored (the reference's switch for an MPI cluster)")
+    g.add_argument('--dist_url', default='env://', type=str, help='ignored: the launcher sets the endpoints')
     return p
 
 
@@ -382,11 +458,17 @@ def resolve_config(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = get_args_parser()
     cfg = parser.parse_args(argv)
+    explicit = _explicit_cli(argv) if cfg.config or cfg.resume else {}
     if cfg.config:
-        explicit = _explicit_cli(argv)
         for key, value in load_yaml_preset(cfg.config, parser).items():
             if key not in explicit:
                 setattr(cfg, key, value)
+    cfg._notes = []  # lines for the main process to print (not part of the saved config)
+    if cfg.resume:  # the run folder's config and the checkpoint's identity (util/run_config.py)
+        from util.run_config import read_run_config, restore_run
+
+        run_config = read_run_config(cfg.resume, cfg.eval, lambda path: load_yaml_preset(path, parser))
+        cfg._notes = restore_run(cfg, explicit, run_config)
     validate_config(cfg)
     return cfg
 
@@ -402,8 +484,8 @@ def validate_config(cfg: argparse.Namespace) -> None:
     for flag in ('batch_size', 'epochs', 'accum_iter', 'input_size', 'recount', 'print_freq', 'world_size'):
         if getattr(cfg, flag) is not None and getattr(cfg, flag) < 1:
             fail(flag, 'out of range', 'expected a positive integer', f'pass --{flag} 1 or more')
-    for flag in ('num_workers', 'start_epoch', 'seed'):
-        if getattr(cfg, flag) < 0:
+    for flag in ('num_workers', 'start_epoch', 'seed', 'patience'):  # num_workers None: from the cores
+        if getattr(cfg, flag) is not None and getattr(cfg, flag) < 0:
             fail(flag, 'is negative', 'expected 0 or more', f'pass --{flag} 0 or more')
     finite = ['drop_path', 'weight_decay', 'blr', 'layer_decay', 'min_lr', 'warmup_epochs', 'smoothing',
               'reprob', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob']
@@ -489,7 +571,7 @@ def config_to_dict(cfg: argparse.Namespace) -> dict[str, Any]:
     """Plain {flag name: value} of a resolved config (the ``config`` preset path left out), YAML-safe."""
     out: dict[str, Any] = {}
     for key, value in sorted(vars(cfg).items()):
-        if key == 'config':
+        if key == 'config' or key.startswith('_'):
             continue
         out[key] = list(value) if isinstance(value, tuple) else value
     return out

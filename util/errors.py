@@ -28,3 +28,10 @@ def unknown_name_error(kind: str, name: str, choices: Iterable[str]) -> UserErro
     near = close_matches(name, choices)
     hint = f"did you mean {', '.join(repr(c) for c in near)}? " if near else ""
     return UserError(f"{kind} {name!r} is not registered; {hint}known: {', '.join(choices)}")
+
+
+def killed_worker_error(pid, signal_name: str) -> UserError:
+    """The error for a worker stopped from outside the run (``kill``, the kernel's out-of-memory killer)."""
+    return UserError(f"data loader worker (pid {pid}) was killed by signal {signal_name}; it was stopped from "
+                     "outside the run (the system may have run out of memory: check `dmesg`); rerun, with fewer "
+                     "--num_workers or --num_workers 0")

@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Mapping
 from PIL import Image, UnidentifiedImageError
 
 from util.errors import UserError
+from util.progress import Progress, is_terminal
 
 # PIL raises many kinds of error on a malformed file (OSError when truncated, SyntaxError for a broken PNG or
 # TIFF structure, ValueError, EOFError, struct.error from a short header, IndexError, ...): any of them means
@@ -123,25 +124,18 @@ def check_images(paths: Iterable[str], workers: int | None = None, progress: boo
                  desc: str = 'checking images') -> list[tuple[str, str]]:
     """``[(path, reason), ...]`` for every file of ``paths`` that fails ``check_image``, in the order given
     (each distinct path checked once). ``workers`` threads (default: the CPU count, 2 to 8) share the files;
-    ``progress`` shows a tqdm bar when stderr is a terminal (never in a log file or a pipe)."""
+    ``progress`` shows a bar when stderr is a terminal; in a log file or a pipe nothing (the check's one
+    result line, or its error, is what a log needs)."""
     unique = list(dict.fromkeys(os.fspath(p) for p in paths))
     if not unique:
         return []
-    bar = None
-    if progress and getattr(sys.stderr, 'isatty', lambda: False)():
-        from tqdm import tqdm
-        bar = tqdm(total=len(unique), desc=desc, unit='img', file=sys.stderr, leave=False)
     bad = []
-    try:
-        with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
-            for path, reason in zip(unique, pool.map(check_image, unique), strict=True):
-                if reason is not None:
-                    bad.append((path, reason))
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+    with Progress(len(unique), desc, enabled=progress and is_terminal(sys.stderr), stream=sys.stderr,
+                  unit='img') as bar, ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
+        for i, (path, reason) in enumerate(zip(unique, pool.map(check_image, unique), strict=True)):
+            if reason is not None:
+                bad.append((path, reason))
+            bar.update(i)
     return bad
 
 

@@ -89,3 +89,17 @@ class RunIdentity:
     def preprocessing(self) -> dict:
         return {"fundus_crop": self.fundus_crop, "fov_threshold": self.fov_threshold,
                 "preprocess_size": self.preprocess_size}
+
+
+class SelectOutputs(paddle.nn.Layer):
+    """``model`` with only the output columns ``columns`` (multi-label external validation on data that
+    labels a subset of the model's labels: the others have no ground truth to score)."""
+
+    def __init__(self, model: paddle.nn.Layer, columns):
+        super().__init__()
+        self.model = model
+        self.columns = [int(c) for c in columns]
+        self.num_views = getattr(model, "num_views", 1)
+
+    def forward(self, x):
+        return paddle.index_select(self.model(x), paddle.to_tensor(self.columns, dtype="int64"), axis=1)

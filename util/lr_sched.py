@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import abc
 import math
-
-import paddle
+from typing import TYPE_CHECKING
 
 from util.errors import UserError, unknown_name_error
+
+if TYPE_CHECKING:  # the schedules only call optimizer.set_lr: no Paddle import needed to compute LRs
+    import paddle
 
 
 def effective_lr(blr: float, lr: float | None, batch_size: int, accum_iter: int = 1,

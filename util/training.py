@@ -3,7 +3,8 @@ state (``restore_training``) and the epoch loop with validation, model selection
 
 Everything comes in as explicit values: ``FitOptions`` (frozen) holds the settings of the loop; the
 recorder writes every file. References: RETFound_MAE / MAE ``main_finetune.py`` (the epoch loop, best
-checkpoint by the validation score, the test on the best checkpoint).
+checkpoint by the validation score, the test on the best checkpoint). ``--patience`` (early stopping, off
+by default as in the reference, which has none) counts epochs without a new best by that same comparison.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from util.errors import UserError
 from util.lr_decay import build_optimizer
 from util.lr_sched import Schedule, build_schedule, effective_lr
 from util.outputs.checkpoint import load_checkpoint, load_optimizer_state_by_name, set_rng_state
-from util.outputs.reports import format_per_class
+from util.outputs.reports import format_metrics, format_per_class
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class FitOptions:
     plateau_patience: int = 10
     plateau_metric: str = ""
     val_metric: str = "score"
+    patience: int = 0  # stop after this many epochs in a row without a new best val_metric; 0: never
     tune_thresholds: bool | None = None
     clip_grad: float | None = None
     start_epoch: int = 0
@@ -91,16 +93,37 @@ def build_training(model, task, opts: FitOptions, amp, say) -> Training:
     if tune and task.tune is None:
         raise UserError(f"--tune_thresholds: {task.name} predictions have no decision thresholds to tune "
                         "(argmax); remove the flag")
+    if opts.patience < 0 or int(opts.patience) != opts.patience:
+        raise UserError(f"--patience {opts.patience}: not a whole number of epochs >= 0 (0 turns early stopping "
+                        "off; N stops after N epochs in a row without a new best); pass 0 or a positive integer")
     return Training(optimizer, schedule, scaler, lr, plateau_metric, tune)
 
 
 @dataclass
 class RunState:
-    """Where the run stands: the next epoch and the best so far."""
+    """Where the run stands: the next epoch, the best so far and the epochs since (for ``--patience``)."""
     start_epoch: int
     best_score: float = -math.inf
     best_epoch: int = -1
     best_thresholds: list | None = None
+    epochs_without_improvement: int = 0
+    stopped_early: bool = False
+
+    def record(self, epoch: int, score: float, thresholds=None) -> bool:
+        """Model selection for one epoch: ``True`` when ``score`` (the selection value, higher is better) is a
+        new best, i.e. strictly greater; the first epoch is kept even if NaN. Counts the epochs without one."""
+        score = -math.inf if math.isnan(score) else score  # an undefined metric never beats a number
+        improved = score > self.best_score or self.best_epoch < 0
+        if improved:
+            self.best_score, self.best_epoch, self.best_thresholds = score, epoch, thresholds
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        return improved
+
+    def patience_exhausted(self, patience: int) -> bool:
+        """``patience`` epochs in a row without a new best (never with ``patience`` 0)."""
+        return patience > 0 and self.epochs_without_improvement >= patience
 
 
 def restore_training(state: dict | None, training: Training, model, opts: FitOptions, say) -> RunState:
@@ -115,10 +138,21 @@ def restore_training(state: dict | None, training: Training, model, opts: FitOpt
         training.schedule.load_state_dict(state["schedule"])
     run = RunState(int(state["epoch"]) + 1, float(state.get("best_score", -math.inf)),
                    int(state.get("best_epoch", -1)), state.get("best_thresholds"))
+    # a checkpoint written before --patience existed has no counter: every epoch after the best had none
+    run.epochs_without_improvement = int(state.get("epochs_without_improvement",
+                                                   max(0, int(state["epoch"]) - run.best_epoch)))
+    run.stopped_early = bool(state.get("stopped_early", False))
     if "rng" in state and D.get_world_size() == 1:
         set_rng_state(state["rng"])
     say(f"Resuming at epoch {run.start_epoch} (best val {opts.val_metric} so far at epoch {run.best_epoch})")
     return run
+
+
+def _metric_value(task, metric: str, score: float) -> float:
+    """The metric's own value from its selection value (negated when lower is better; -inf was NaN)."""
+    if not math.isfinite(score):
+        return float("nan")
+    return -score if metric in task.minimize else score
 
 
 def check_steps(steps_per_epoch: int, n_images: int, opts: FitOptions, say) -> None:
@@ -155,35 +189,56 @@ def fit(model, bare_model, loaders: dict, seeders: dict, task, num_classes: int,
     if opts.val_metric not in headline:
         headline.append(opts.val_metric)
     say(f"Start training for {opts.epochs} epochs ({steps_per_epoch} steps each), best checkpoint by val "
-        f"{opts.val_metric} -> {recorder.run_dir}")
+        f"{opts.val_metric}" + (f", early stopping after {opts.patience} epoch(s) without a new best"
+                                if opts.patience else "") + f" -> {recorder.run_dir}")
+    epochs = range(run.start_epoch, opts.epochs)
+    if epochs and run.patience_exhausted(opts.patience):  # resumed from a run that had stopped early
+        say(f"Early stopping: the resumed run had already gone {run.epochs_without_improvement} epoch(s) without a "
+            f"new best val {opts.val_metric} (--patience {opts.patience}; best {opts.val_metric} "
+            f"{_metric_value(task, opts.val_metric, run.best_score):.4f} at epoch {run.best_epoch}); not training "
+            "on; pass a larger --patience, or --patience 0, to train the remaining epochs")
+        epochs = range(0)
+    elif epochs and run.stopped_early:
+        say(f"resume: the run had stopped early after {run.epochs_without_improvement} epoch(s) without a new best "
+            f"val {opts.val_metric}; with --patience {opts.patience}" + (" (off)" if not opts.patience else "")
+            + f" it trains on from epoch {run.start_epoch}")
+    last_epoch = run.start_epoch - 1  # the run's last trained epoch (-1: none)
     t0 = time.time()
-    for epoch in range(run.start_epoch, opts.epochs):
+    for epoch in epochs:
         loaders["train"].batch_sampler.set_epoch(epoch)
         seeders["train"].base = opts.seed * 100003 + epoch * 7
         train_stats, global_step = engine.train_one_epoch(
             model, criterion, loaders["train"], training.optimizer, epoch, schedule=training.schedule,
             accum_iter=opts.accum_iter, clip_grad=opts.clip_grad, scaler=training.scaler, amp=amp, logger=logger,
-            print_freq=opts.print_freq, global_step=global_step)
+            print_freq=opts.print_freq, global_step=global_step, epochs=opts.epochs)
         val_stats, _, _ = engine.evaluate(model, loaders["val"], task, num_classes, loss_fn=eval_loss,
                                           tune=training.tune, class_names=class_names, amp=amp, header="Val",
                                           print_freq=opts.print_freq)
         training.schedule.epoch_end(epoch, val_stats.get(training.plateau_metric))
         score = task.selection_value(val_stats, opts.val_metric)
-        improved = score > run.best_score or run.best_epoch < 0  # the first epoch is kept even if NaN
-        if improved:
-            run.best_score, run.best_epoch = score, epoch
-            run.best_thresholds = val_stats.get("thresholds")
-        say(f"Epoch {epoch}: train loss {train_stats['loss']:.4f}, val loss {val_stats['val_loss']:.4f}, " +
-            ", ".join(f"{k} {val_stats[k]:.4f}" for k in headline) +
-            (" (best)" if improved else f" (best {opts.val_metric} at epoch {run.best_epoch})"))
+        improved = run.record(epoch, score, val_stats.get("thresholds"))
+        # every rank computed val_stats from the same gathered rows (engine.evaluate), so all of them take
+        # the same decision here without another collective
+        run.stopped_early = run.patience_exhausted(opts.patience) and epoch + 1 < opts.epochs
+        say(f"Epoch {epoch}: train loss {train_stats['loss']:.4f}, "
+            + format_metrics("val", val_stats, ["val_loss", *headline])
+            + (" (best)" if improved else f" (best {opts.val_metric} at epoch {run.best_epoch})"))
         if opts.per_class_report:
             say(format_per_class(val_stats.get("per_class", [])))
         recorder.epoch(epoch, train_stats, val_stats, opts.info["n_parameters"])
         recorder.checkpoints(epoch, model=bare_model, optimizer=training.optimizer, scaler=training.scaler,
                              schedule=training.schedule, val_stats=val_stats, val_metric=opts.val_metric,
                              improved=improved, best_score=run.best_score, best_epoch=run.best_epoch,
-                             best_thresholds=run.best_thresholds)
+                             best_thresholds=run.best_thresholds,
+                             epochs_without_improvement=run.epochs_without_improvement,
+                             stopped_early=run.stopped_early)
         D.barrier()
+        last_epoch = epoch
+        if run.stopped_early:
+            say(f"Early stopping at epoch {epoch}: no new best val {opts.val_metric} for "
+                f"{run.epochs_without_improvement} epoch(s) (--patience {opts.patience}); best {opts.val_metric} "
+                f"{_metric_value(task, opts.val_metric, run.best_score):.4f} at epoch {run.best_epoch}")
+            break
     say(f"Training time {time.time() - t0:.0f}s; best val {opts.val_metric} at epoch {run.best_epoch}")
     recorder.curves(run.best_epoch, headline)
 
@@ -192,7 +247,9 @@ def fit(model, bare_model, loaders: dict, seeders: dict, task, num_classes: int,
     if best_path and os.path.isfile(best_path):
         state = load_checkpoint(best_path)
         load_state_dict_strict(bare_model, state["model"], best_path)
+        recorder.tested_weights(last_epoch if last_epoch >= 0 else None, state.get("epoch", run.best_epoch))
         say(f"Test on the best checkpoint (epoch {run.best_epoch})")
         return state.get("thresholds")
+    recorder.tested_weights(*(2 * [last_epoch if last_epoch >= 0 else None]))
     say("Test on the final weights (no best checkpoint was saved: --no-savemodel or no output folder)")
     return run.best_thresholds

@@ -47,7 +47,8 @@ def test_training_writes_every_output(trained_run):
         assert np.isfinite(x["train_loss"]) and x["train_lr"] > 0 and x["n_parameters"] > 0
     # metrics CSVs: the reference's columns first, a row per evaluation
     val_rows = read_csv(run / "metrics_val.csv")
-    assert list(val_rows[0].keys()) == COLUMNS and len(val_rows) == 2
+    assert list(val_rows[0].keys()) == COLUMNS + ["epoch"] and len(val_rows) == 2
+    assert [r["epoch"] for r in val_rows] == ["0", "1"]
     test_rows = read_csv(run / "metrics_test.csv")
     assert len(test_rows) == 1
     # the plots are real PNGs
@@ -93,8 +94,16 @@ def test_resume_with_other_classes_lists_differences(trained_run, tmp_path):
     res = run_cli([*TINY_ARGS, "--data_path", other, "--nb_classes", "4", "--epochs", "3", "--resume",
                    trained_run["run"] / "checkpoint-last.pdparams", "--output_dir", tmp_path])
     assert res.returncode == 2
-    assert "nb_classes" in res.stderr and "class_names" in res.stderr
+    # the run folder's config.yaml names the flags that change the run, with both values
+    assert "--nb_classes 4 (the run used 3)" in res.stderr and f"--data_path {other!r}" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+    # a checkpoint away from its run folder: the identity stored in it lists the differences
+    alone = tmp_path / "alone.pdparams"
+    alone.write_bytes((trained_run["run"] / "checkpoint-last.pdparams").read_bytes())
+    res = run_cli([*TINY_ARGS, "--data_path", other, "--nb_classes", "4", "--epochs", "3", "--resume", alone,
+                   "--output_dir", tmp_path / "o2"])
+    assert res.returncode == 2
+    assert "nb_classes" in res.stderr and "class_names" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("args, needles", [
@@ -129,6 +138,8 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(trained_
     run = tmp_path / "nan"
     shutil.copytree(trained_run["run"], run)
     before = (run / "checkpoint-last.pdparams").read_bytes()
+    # a resumed run keeps its config.yaml's LR; without that file the flags decide, and 1e30 diverges
+    (run / "config.yaml").unlink()
     res = run_cli([*TINY_ARGS, "--data_path", trained_run["data"], "--nb_classes", "3", "--epochs", "4",
                    "--lr", "1e30", "--resume", run / "checkpoint-last.pdparams", "--output_dir", tmp_path,
                    "--task", "nan"])

@@ -58,7 +58,7 @@ def test_multilabel_eval_reuses_the_thresholds_tuned_on_val(tmp_path):
     # the same model, data and thresholds give the same test numbers, tuned columns included
     for k in ("f1_macro", "roc_auc", "f1_macro_tuned", "f1_micro_tuned", "odir_final"):
         assert float(evaluated[k]) == pytest.approx(float(trained[k]), abs=1e-6), k
-    assert "Test thresholds (tuned on val)" in res.stdout
+    assert "test thresholds (tuned on val)" in res.stdout
 
 
 def test_freeze_backbone_trains_only_the_head(tmp_path):

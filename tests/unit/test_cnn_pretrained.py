@@ -260,3 +260,45 @@ def test_fitting_head_is_kept_and_nothing_reported_dropped(tmp_path, name):
     assert report["dropped"] == [] and not report["head_reset"]
     for k, v in src.state_dict().items():
         np.testing.assert_array_equal(dst.state_dict()[k].numpy(), v.numpy(), err_msg=k)
+
+
+# ------------------------------------------------------------------------------------------- finding the file
+def test_paddleclas_file_name_is_found_in_weights_dir_and_loaded(tmp_path, monkeypatch):
+    """The presets' ``finetune: <Model>_pretrained.pdparams`` is a bare file name: it is read from
+    ``--weights_dir``, not from the folder the run starts in."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    _, ref = save_paddleclas("resnet_test", str(weights / "ResNet18_pretrained.pdparams"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    m = create_model("resnet_test", num_classes=5)
+    rep = load_pretrained(m, "ResNet18_pretrained.pdparams", weights_dir=str(weights), verbose=False)
+    assert rep["path"] == str(weights / "ResNet18_pretrained.pdparams")
+    np.testing.assert_array_equal(m.state_dict()["backbone.stem.0.conv.weight"].numpy(), ref["stem.0.conv.weight"])
+
+
+def test_missing_paddleclas_weights_give_model_zoo_advice(tmp_path):
+    with pytest.raises(UserError) as e:
+        load_pretrained(create_model("efficientnet_test", num_classes=5), "EfficientNetB4_pretrained.pdparams",
+                        weights_dir=str(tmp_path / "weights"), verbose=False)
+    msg = str(e.value)
+    assert str(tmp_path / "weights" / "EfficientNetB4_pretrained.pdparams") in msg
+    assert "PaddleClas's ImageNet checkpoint for efficientnet_b4" in msg and "github.com/PaddlePaddle/PaddleClas" in msg
+    assert "Hugging Face" not in msg and "models.convert" not in msg
+
+
+def test_paddleclas_weights_table_matches_paddleclas_and_the_registry():
+    """Each file the missing-weights advice names is PaddleClas's (same download address as its MODEL_URLS) and
+    every registered CNN model (not a ViT, not a ``*_test``) has one."""
+    from paddleclas.ppcls.arch.backbone.legendary_models import resnet as R
+    from paddleclas.ppcls.arch.backbone.model_zoo import convnext as C
+
+    from models import list_models
+    from util.weights_files import PADDLECLAS_WEIGHTS
+
+    published = {**R.MODEL_URLS, **E.MODEL_URLS, **V2.MODEL_URLS, **C.MODEL_URLS}
+    for file_name, (_, url) in PADDLECLAS_WEIGHTS.items():
+        assert published[file_name[: -len("_pretrained.pdparams")]] == url, file_name
+    covered = {m for models, _ in PADDLECLAS_WEIGHTS.values() for m in models}
+    cnn = {m for m in list_models() if not m.endswith("_test") and "retfound" not in m and not m.startswith("vit_")}
+    assert covered == cnn

@@ -41,7 +41,7 @@ def test_recipe_defaults():
                     cutmix_minmax=None, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode='batch', finetune='',
                     weights_dir='./weights', task='', global_pool=True, nb_classes=None, output_dir='./output_dir',
                     log_dir=None, device='auto', seed=0, resume='', start_epoch=0, eval=False, dist_eval=False,
-                    num_workers=10, pin_mem=True, world_size=1, local_rank=-1, dist_on_itp=False,
+                    num_workers=None, pin_mem=True, world_size=1, local_rank=-1, dist_on_itp=False,
                     dist_url='env://', savemodel=True, amp=False, amp_dtype='float16', print_freq=20)
     # toolkit additions (issue 3): their defaults leave the reference recipe unchanged
     additions = dict(crop_pct=None, freeze_backbone=False, opt='adamw', momentum=0.9, backbone_lr_scale=1.0, sched='cosine',
@@ -53,12 +53,13 @@ def test_recipe_defaults():
                      image_col=None, label_cols=None, grade_col=None, split_col=None, val_ratio=0.15,
                      test_ratio=0.15, split_seed=0, image_root=None, left_col=None, right_col=None,
                      patient_col=None, eye_mode='dual', sheet=None, allow_outside_paths=False,
-                     skip_image_check=False)
+                     skip_image_check=False, patience=0)
     got = vars(cfg)
     for key, value in {**expected, **additions}.items():
         assert got[key] == value, key
         assert type(got[key]) is type(value), key
-    assert set(got) == set(expected) | set(additions) | {'config', 'data_path'}
+    # private keys (``_notes``: lines for the main process) are not flags and are not saved
+    assert {k for k in got if not k.startswith('_')} == set(expected) | set(additions) | {'config', 'data_path'}
 
 
 def test_precedence_default_yaml_cli(tmp_path):
@@ -223,6 +224,58 @@ def test_parser_help_mentions_launcher_note(capsys):
         get_args_parser().parse_args(['--help'])
     out = capsys.readouterr().out
     assert '--world_size' in out and 'ignored' in out and '--cls_token' in out
+
+
+def _help_entries(parser):
+    """{option strings: the help text --help shows for it}, defaults filled in as the formatter does."""
+    fmt = parser._get_formatter()
+    return {', '.join(a.option_strings): fmt._expand_help(a) if a.help else ''
+            for a in parser._actions if a.option_strings}
+
+
+def test_help_gives_every_option_a_text_and_at_most_one_default(monkeypatch, capsys):
+    entries = _help_entries(get_args_parser())
+    assert not [k for k, text in entries.items() if not text.strip()], 'options without help text'
+    assert not {k: t for k, t in entries.items() if t.count('(default:') > 1}, 'default stated twice'
+    assert not {k: t for k, t in entries.items() if '(default: None)' in t or '(default: )' in t}
+    # the rendered page, at the usual width: no line says its default twice
+    monkeypatch.setenv('COLUMNS', '100')
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(['--help'])
+    lines = capsys.readouterr().out.splitlines()
+    assert not [ln for ln in lines if ln.count('(default:') > 1]
+
+
+def test_help_says_what_the_confusing_flags_do():
+    entries = _help_entries(get_args_parser())
+    # reference spellings that set another flag: no default of their own (it was "--cls_token (default: True)")
+    for flag in ('--cls_token', '--no_pin_mem'):
+        assert '(default:' not in entries[flag], entries[flag]
+    assert 'cls token' in entries['--cls_token']
+    # VisualDL records only; the run's files always go to the run folder (util/outputs/run_log.py)
+    assert 'VisualDL' in entries['--log_dir'] and '(default: the run folder)' in entries['--log_dir']
+    assert 'from the cores' in entries['--num_workers'] and '(default: 10)' not in entries['--num_workers']
+    assert '(default: 0)' in entries['--patience'] and '--val_metric' in entries['--patience']
+    description = get_args_parser().description
+    assert 'multi-label' in description and 'regression' in description
+
+
+def test_num_workers_default_comes_from_the_cores():
+    # None in the config (so a saved config.yaml and the preset fixture do not depend on the machine);
+    # util.threads.resolve_num_workers turns it into a count where the loaders are built
+    assert resolve_config(['--data_path', 'd']).num_workers is None
+    assert resolve_config(['--data_path', 'd', '--num_workers', '0']).num_workers == 0
+    with pytest.raises(UserError, match='--num_workers -1: is negative'):
+        resolve_config(['--data_path', 'd', '--num_workers', '-1'])
+
+
+def test_patience_flag():
+    assert resolve_config(['--data_path', 'd']).patience == 0
+    assert resolve_config(['--data_path', 'd', '--patience', '5']).patience == 5
+    with pytest.raises(UserError, match='--patience -1: is negative'):
+        resolve_config(['--data_path', 'd', '--patience', '-1'])
+    with pytest.raises(UserError, match='invalid int'):
+        resolve_config(['--data_path', 'd', '--patience', '2.5'])
 
 
 # ------------------------------------------------------------------------------------------------ shipped presets

@@ -186,3 +186,16 @@ def test_bare_name_resolves_in_weights_dir(tmp_path, ref):
 def test_missing_explicit_path_is_reported(tmp_path):
     with pytest.raises(UserError, match="no file found"):
         resolve_weights(str(tmp_path / "nope.pth"))
+
+
+def test_bare_file_name_with_extension_resolves_in_weights_dir(tmp_path, ref, monkeypatch):
+    """``--finetune RETFound_x.pth`` (no folder part) is read from --weights_dir, not only from the current folder."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(FT_GP, weights / "RETFound_ft_test.pth")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    m = ref_vit(64, 5, True)
+    rep = load_pretrained(m, "RETFound_ft_test.pth", weights_dir=str(weights), verbose=False)
+    assert rep["path"] == str(weights / "RETFound_ft_test.pth")
+    assert np.abs(run(m, ref["x64"]) - ref["logits_gp"]).max() <= 1e-4

@@ -299,7 +299,7 @@ def build_splits(data_path: str, splits, num_classes: int | None = None, fmt: st
         for note in getattr(ds, "notes", []):
             if note not in said:  # the splits of one table share their notes
                 said.add(note)
-                say(f"note: {note}")
+                say(note if note.startswith("warning: ") else f"note: {note}")
         missing = [c for c, n in zip(ds.class_names, ds.class_counts()) if n == 0]
         if missing and split != "train":
             say(f"warning: {split} split has no {'positive ' if ds.task_type == 'multi_label' else ''}images of "

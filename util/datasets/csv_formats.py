@@ -21,7 +21,7 @@ error asking for ``--label_cols`` or ``--grade_col``. ``--task_type`` breaks tie
 csv_multilabel; single_label/regression stop 0/1 columns from meaning multi-label).
 
 Splits come from ``splits.py`` (``assign_splits``: tables, a split column, or a seeded stratified
-and patient-grouped split) and image paths are resolved by ``image_paths.py`` (relative to
+split grouped by patient) and image paths are resolved by ``image_paths.py`` (relative to
 ``--image_root``, by default the table's folder or the subfolder holding the images).
 """
 from __future__ import annotations
@@ -42,6 +42,7 @@ from util.datasets.tables import (
     TableSource,
     check_sheet,
     explain_sheets,
+    find_patient_col,
     find_split_col,
     guess_image_col,
     is_binary,
@@ -123,12 +124,13 @@ def _kind_of(df: pd.DataFrame, path: str, options: DataOptions) -> str:
 class TableDataset(RetinaDataset):
     """Base of the table formats. A subclass's ``_parse(src, options, num_classes)`` reads and validates the
     columns of all rows and sets ``task``, ``num_views``, ``class_names``, ``image_cols``,
-    ``_row_paths`` (listed paths per row, one or two), ``_row_targets``, ``_strat`` (labels to stratify on)
-    and ``_groups`` (patient of each row or ``None``); this class assigns splits, resolves the images of the
+    ``_row_paths`` (listed paths per row, one or two), ``_row_targets``, ``_strat`` (labels to stratify on),
+    ``patient_col`` (``--patient_col`` or the column found by ``find_patient_col``, or ``None``) and
+    ``_groups`` (patient of each row or ``None``); this class assigns splits, resolves the images of the
     split and checks them."""
 
     image_subfolders: tuple[str, ...] = ('images', 'Images', 'image', 'imgs', 'img')
-    unit = 'rows'
+    patient_col: str | None = None
 
     @classmethod
     def detect(cls, data_path: str, options: DataOptions | None = None) -> bool:
@@ -144,7 +146,8 @@ class TableDataset(RetinaDataset):
             self.where = src.where
             self._groups = None
             self._parse(src, options, num_classes)
-        assignment, self.test_is_val, notes = assign_splits(src, options, self._strat, self._groups, self.unit)
+        assignment, self.test_is_val, notes = assign_splits(src, options, self._strat, self._groups,
+                                                            self.patient_col)
         self.notes += notes[split]
         self._check_groups(assignment)
         wanted = 'val' if split == 'test' and self.test_is_val else split
@@ -268,9 +271,14 @@ def _patient_groups(src: TableSource, col: str | None) -> np.ndarray | None:
 def _common_columns(src: TableSource, options: DataOptions) -> tuple[str | None, str | None, set, str]:
     """(split column, patient column, the columns that are neither image nor label, image column)."""
     split_col = find_split_col(src.frame, src.where, options)
-    patient_col = options.patient_col and require_column(src.frame, src.where, options.patient_col, '--patient_col')
+    if options.patient_col:  # checked before the image column is guessed, which must not take it
+        patient_col = find_patient_col(src.frame, src.where, options)
+        image_col = _image_column(src, options, {c for c in (split_col, patient_col) if c})
+    else:  # found by name among the columns that are not the image or split column
+        image_col = _image_column(src, options, {split_col} - {None})
+        patient_col = find_patient_col(src.frame, src.where, options, {split_col, image_col})
     exclude = {c for c in (split_col, patient_col) if c}
-    return split_col, patient_col, exclude, _image_column(src, options, exclude)
+    return split_col, patient_col, exclude, image_col
 
 
 def _image_column(src: TableSource, options: DataOptions, exclude: set) -> str:
@@ -312,6 +320,7 @@ class MultiLabelCsvDataset(TableDataset):
         self._row_paths = [(p,) for p in df[image_col].to_numpy()]
         self._row_targets = y
         self._strat = y
+        self.patient_col = patient_col
         self._groups = _patient_groups(src, patient_col)
 
 
@@ -371,4 +380,5 @@ class GradingCsvDataset(TableDataset):
         self._row_paths = [(p,) for p in df[image_col].to_numpy()]
         self._row_targets = grades.astype(np.float32) if self.task_type == 'regression' else grades
         self._strat = grades
+        self.patient_col = patient_col
         self._groups = _patient_groups(src, patient_col)

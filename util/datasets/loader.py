@@ -19,7 +19,7 @@ import paddle
 
 from util.datasets.samplers import WeightedBatchSampler, balanced_sample_weights
 from util.distributed import ShardSampler
-from util.errors import UserError
+from util.errors import UserError, killed_worker_error
 
 
 def _collate(samples: list) -> list:
@@ -40,13 +40,6 @@ def _worker_message(captured: list, exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (f"{type(exc).__name__}: {text[-1] if text else ''}; rerun with --num_workers 0 to see the "
             "failing sample's error")
-
-
-def killed_worker_error(pid, signal_name: str) -> UserError:
-    """The error for a worker stopped from outside the run (``kill``, the kernel's out-of-memory killer)."""
-    return UserError(f"data loader worker (pid {pid}) was killed by signal {signal_name}; it was stopped from "
-                     "outside the run (the system may have run out of memory: check `dmesg`); rerun, with fewer "
-                     "--num_workers or --num_workers 0")
 
 
 def _killed_worker(iterator) -> tuple[int, str] | None:

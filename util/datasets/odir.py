@@ -5,7 +5,8 @@ annotation table (.xlsx or .csv; columns ``ID, Patient Age, Patient Sex, Left-Fu
 Left-Diagnostic Keywords, Right-Diagnostic Keywords, N, D, G, C, A, H, M, O``) is read with no options;
 a generic paired table names its columns with ``--left_col``/``--right_col`` (or calls them like
 ``left_image``/``right_image``), its labels with ``--label_cols`` (default: the other 0/1 columns) and its
-patients with ``--patient_col`` (default: a column named ID/patient/patient_id; none = one patient per row).
+patients with ``--patient_col`` (default: a column named ID/patient/patient_id/subject, as
+``tables.find_patient_col`` finds it; none = one patient per row).
 
 ``eye_mode``:
 
@@ -37,8 +38,8 @@ from util.datasets.csv_formats import TableDataset, _patient_groups
 from util.datasets.image_paths import ImageResolver, clean_path, is_inside
 from util.datasets.tables import (
     LEFT_RIGHT_SUFFIXES,
-    PATIENT_NAMES,
     TableSource,
+    find_patient_col,
     find_split_col,
     is_numeric_like,
     is_table_file,
@@ -118,7 +119,6 @@ class PairedEyeDataset(TableDataset):
 
     image_subfolders = ('Training Images', 'ODIR-5K_Training_Images', 'ODIR-5K_Training_Dataset',
                         'training_images', 'images', 'Images')
-    unit = 'patients'
 
     def _parse(self, src: TableSource, options: DataOptions, num_classes: int | None) -> None:
         self.task_type = resolve_task(src.where, 'odir', 'multi_label', ('multi_label',), options.task_type)
@@ -131,14 +131,10 @@ class PairedEyeDataset(TableDataset):
             raise UserError(f"{where}: no {'left' if left is None else 'right'} eye image column (ODIR's "
                             f"Left-Fundus/Right-Fundus or columns named like left_image/right_image; columns "
                             f"found: {', '.join(df.columns)}); pass --left_col and --right_col")
-        if options.patient_col:
-            patient_col = require_column(df, where, options.patient_col, '--patient_col')
-        else:
-            named = {norm(c): c for c in df.columns if c not in (left, right)}
-            patient_col = next((named[n] for n in PATIENT_NAMES if n in named), None)
-            if patient_col is None:
-                self.notes.append(f"{where}: no patient column (ID/patient/patient_id, or --patient_col): each row "
-                                  f"is taken as a different patient when splitting")
+        patient_col = find_patient_col(df, where, options, {left, right, split_col}, rows_are_patients=True)
+        if patient_col is None:
+            self.notes.append(f"{where}: no patient column (ID/patient/patient_id, or --patient_col): each row "
+                              f"is taken as a different patient when splitting")
         self.is_odir = all(c in df.columns for c in ODIR_EYE_COLUMNS)
         exclude = {c for c in (left, right, split_col, patient_col) if c}
         eye_pairs = per_eye_label_columns(df, exclude)
@@ -177,6 +173,7 @@ class PairedEyeDataset(TableDataset):
         self._row_targets = y
         self._eye_targets = eye_targets
         self._strat = y
+        self.patient_col = patient_col
         self._groups = _patient_groups(src, patient_col)
         if self._groups is None:  # group = row, but the split must still keep a row's two eyes together
             self._groups = np.arange(len(df)).astype(str)

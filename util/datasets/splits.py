@@ -10,9 +10,14 @@
 With 1 or 2, a missing val split is carved from the train rows by ``val_ratio``; a missing test split
 (or ``test_ratio`` 0 with 3) makes test = val, said in ``dataset.notes``. Carving (``stratified_assign``) is
 stratified (class, grade, or for multi-label the label combination, rare combinations pooled by their
-rarest label) and grouped (rows sharing ``--patient_col`` stay together); it depends only on the table and
+rarest label) and grouped (rows sharing a patient stay together); it depends only on the table and
 the options, so every process and every separately built split sees the same assignment. Ratios count
 groups.
+
+The patient column is ``--patient_col`` or one found by name (``tables.find_patient_col``), for every table
+format; the carve line in ``dataset.notes`` says ``grouped by patient column 'patient_id' (N patients)``.
+A per-image table without one is carved image by image, so a patient's two eyes can land in train and test:
+then one more note, starting ``warning:``, says so and how to keep each patient in one split.
 
 References: sklearn ``model_selection.StratifiedShuffleSplit`` / ``GroupShuffleSplit`` (what the
 stratified and grouped split aims at; the allocation here is largest-remainder per stratum); Sechidis
@@ -98,8 +103,12 @@ def stratified_assign(labels: np.ndarray, groups: np.ndarray | None, fractions: 
 
 
 def assign_splits(src: TableSource, options: DataOptions, strat: np.ndarray, groups: np.ndarray | None,
-                  unit: str = 'rows') -> tuple[np.ndarray, bool, dict[str, list[str]]]:
-    """The split of every row of ``src``; whether test is the val split; notes per split."""
+                  patient_col: str | None = None) -> tuple[np.ndarray, bool, dict[str, list[str]]]:
+    """The split of every row of ``src``; whether test is the val split; notes per split.
+
+    ``groups``: the patient of each row (from ``patient_col``), or ``None`` when rows are images of unknown
+    patients (carving then warns); ``groups`` without ``patient_col``: a paired table's one patient per row.
+    """
     notes: dict[str, list[str]] = {s: [] for s in SPLITS}
     split_col = None if src.is_dir else find_split_col(src.frame, src.where, options)
     if src.is_dir:
@@ -144,12 +153,25 @@ def assign_splits(src: TableSource, options: DataOptions, strat: np.ndarray, gro
         counts = {s: int(((preset == s) & pool).sum()) for s in SPLITS}
         names = ' and '.join(s for s in ('val', 'test') if fractions.get(s, 0) > 0)
         ratios = ', '.join(f'--{s}_ratio {fractions[s]}' for s in ('val', 'test') if s in fractions)
-        grouped = f', grouped by {unit}' if groups is not None else ''
+        if patient_col is not None:
+            grouped = f", grouped by patient column {patient_col!r} ({len(set(groups[pool_idx]))} patients)"
+        elif groups is not None:
+            grouped = ', one patient per row'
+        else:
+            grouped = ''
         line = (f"{src.where}: {names} carved from {pool_name} by a seeded stratified split ({ratios}, "
                 f"--split_seed {options.split_seed}{grouped}): "
                 + ', '.join(f'{s} {counts[s]}' for s in SPLITS if counts[s]) + ' rows')
         for s in SPLITS:
             notes[s].append(line)
+        if groups is None:
+            fix = 'add a split column' if split_col is None and not src.is_dir else 'give the val rows yourself'
+            warning = (f"warning: {src.where}: no patient column (one named like patient_id/patient/subject, an ID "
+                       f"with repeated values, or --patient_col), so the split is by image and images of one "
+                       f"patient (e.g. the two eyes) may land in two splits; pass --patient_col NAME (or {fix}) "
+                       f"to keep each patient in one split")
+            for s in SPLITS:
+                notes[s].append(warning)
     test_is_val = not (preset == 'test').any()
     if test_is_val:
         notes['test'].append(f"{src.where}: no test split ({test_reason}): the test split is the val split, so "

@@ -8,9 +8,18 @@ so that errors can name it. ``TableSource`` holds all rows of a dataset as one f
 cells, 0/1 labels, duplicate images) with one error listing every bad cell.
 
 Column roles are found by name, compared in normalised form (``norm``: lower case, letters and digits
-only): the image column (``guess_image_col``), the split column (``find_split_col``), left/right image
-columns of a paired table (``paired_columns``), and the numeric label/grade candidates
-(``numeric_columns``, id/age/sex/patient/split/image columns excluded).
+only): the image column (``guess_image_col``), the split column (``find_split_col``), the patient column
+(``find_patient_col``), left/right image columns of a paired table (``paired_columns``), and the numeric
+label/grade candidates (``numeric_columns``, id/age/sex/patient/split/image columns excluded).
+
+The patient column is ``--patient_col``, else the first column (other than the image and split columns)
+named, in this order of preference, patient_id, patient, subject_id, subject, participant_id,
+participant, pid or ID (any case; spaces, underscores and hyphens ignored: ``Patient ID``,
+``patient-id``). A column named just ``ID`` is ambiguous in a per-image table: when its values repeat it
+names patients; when every row has its own ID it is taken for an image id and not used, since grouping
+by it would change nothing and saying "grouped by patient" would claim a protection that is not there
+(``--patient_col ID`` says it is one patient per image, and silences the warning). In a paired table,
+where a row holds one patient's two eyes, ``ID`` always counts.
 """
 from __future__ import annotations
 
@@ -34,7 +43,8 @@ TABLE_EXTENSIONS = ('.csv', '.xlsx', '.xls')
 IMAGE_NAMES = ('imagefile', 'image', 'imagepath', 'imagename', 'imagefilename', 'filename', 'file', 'filepath',
                'path', 'img', 'imageid', 'idcode', 'fname')
 SPLIT_NAMES = ('split', 'subset', 'partition', 'set')
-PATIENT_NAMES = ('patientid', 'patient', 'id', 'subjectid', 'subject')
+# in order of preference; 'id' last, and only with repeated values in a per-image table (find_patient_col)
+PATIENT_NAMES = ('patientid', 'patient', 'subjectid', 'subject', 'participantid', 'participant', 'pid', 'id')
 GRADE_NAMES = ('grade', 'level', 'diagnosis', 'label', 'drgrade', 'drlevel', 'dr', 'class', 'target', 'severity')
 META_NAMES = set(PATIENT_NAMES) | {'age', 'patientage', 'sex', 'patientsex', 'gender', 'eye', 'laterality', 'side',
                                    'index', 'fold', 'year', 'width', 'height'}
@@ -233,6 +243,38 @@ def find_split_col(df: pd.DataFrame, where: str, options: DataOptions) -> str | 
         values = set(df[col].str.lower()) - {''}
         if norm(col) in SPLIT_NAMES and values and values <= set(SPLIT_ALIASES):
             return col
+    return None
+
+
+def find_patient_col(df: pd.DataFrame, where: str, options: DataOptions, exclude: set | tuple = (),
+                     rows_are_patients: bool = False) -> str | None:
+    """``--patient_col``, else a column named like a patient id (``PATIENT_NAMES``; see the module docstring),
+    else ``None``. ``exclude``: the image and split columns; ``rows_are_patients``: a paired table (one row =
+    one patient's eyes), where a unique ``ID`` is a patient id, not an image id."""
+    if options.patient_col:
+        if options.patient_col not in df.columns:
+            columns = list(df.columns)
+            near = close_matches(options.patient_col, columns)
+            hint = f"; did you mean {', '.join(repr(c) for c in near)}?" if near else ''
+            raise UserError(f"{where}: --patient_col {options.patient_col!r} is not a column of the table (the "
+                            f"column holding each row's patient id; columns found: {', '.join(columns)}{hint}); "
+                            f"pass --patient_col with one of those columns, or drop it to use a column named like "
+                            f"patient_id, patient, subject or ID")
+        return options.patient_col
+    by_norm: dict[str, str] = {}
+    for col in df.columns:
+        if col not in exclude:
+            by_norm.setdefault(norm(col), col)
+    for name in PATIENT_NAMES:
+        col = by_norm.get(name)
+        if col is None:
+            continue
+        filled = df[col][df[col] != '']
+        if filled.empty:
+            continue
+        if name == 'id' and not rows_are_patients and not filled.duplicated().any():
+            continue  # one ID per row of a per-image table: an image id
+        return col
     return None
 
 

@@ -62,3 +62,17 @@ def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (y_true, y_pred), 1)
     return cm
+
+
+def constant_output_warning(outputs, tolerance: float = 1e-6) -> list[str]:
+    """A warning line when a model gave (nearly) the same output for every image: its ranking metrics are
+    then chance by construction (AUROC 0.5) and its decisions one class for all; empty otherwise."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if outputs.ndim != 2 or len(outputs) < 2 or not np.isfinite(outputs).all():
+        return []
+    spread = float((outputs.max(axis=0) - outputs.min(axis=0)).max())
+    if spread > tolerance:
+        return []
+    return [f"warning: the model gave the same output for all {len(outputs)} test images (largest spread "
+            f"{spread:.2g} across images): it has not learned to tell them apart, so its AUROC is 0.5 by "
+            "construction; check the labels, the learning rate (--blr/--lr) and the number of epochs"]

@@ -50,7 +50,7 @@ def _nan_result(num_classes: int, note: str) -> dict:
 
 
 def compute_metrics(y_true, probs, num_classes: int | None = None,
-                    class_names: Sequence[str] | None = None) -> dict:
+                    class_names: Sequence[str] | None = None, classes: Sequence[int] | None = None) -> dict:
     """Evaluation metrics of single-label predictions.
 
     Args:
@@ -58,6 +58,10 @@ def compute_metrics(y_true, probs, num_classes: int | None = None,
         probs: class probabilities (softmax outputs), shape [N, K].
         num_classes: K; defaults to ``probs.shape[1]`` and must equal it when given.
         class_names: optional names used in warning messages.
+        classes: the class indices the macro averages (f1, precision, recall, jaccard, roc_auc,
+            average_precision) run over; default all K. External validation on data holding a subset of a
+            model's classes passes the classes present: the others have no sample to score. Accuracy,
+            hamming and the kappas always use every class (a prediction of an absent class is an error).
 
     Returns:
         dict with the float keys of ``METRIC_COLUMNS`` except ``val_loss`` (NaN where undefined), plus
@@ -82,6 +86,9 @@ def compute_metrics(y_true, probs, num_classes: int | None = None,
         if not np.all(np.equal(np.mod(y_true, 1), 0)):
             raise ValueError("compute_metrics: y_true must hold integer class indices")
     y_true = y_true.astype(np.int64)
+    macro = list(range(k)) if classes is None else sorted({int(c) for c in classes})
+    if classes is not None and (not macro or macro[0] < 0 or macro[-1] >= k):
+        raise ValueError(f"compute_metrics: classes must be a non-empty subset of [0, {k}), got {classes}")
     if n and (y_true.min() < 0 or y_true.max() >= k):
         raise ValueError(f"compute_metrics: labels must be in [0, {k}), got range "
                          f"[{y_true.min()}, {y_true.max()}]")
@@ -107,10 +114,11 @@ def compute_metrics(y_true, probs, num_classes: int | None = None,
         out['accuracy'] = float(skm.accuracy_score(y_true, y_pred))
         out['hamming'] = float(skm.hamming_loss(true_oh, pred_oh))
         # zero_division=0 reproduces the value of the reference's default ('warn' -> 0) without the warning.
-        out['jaccard'] = float(skm.jaccard_score(true_oh, pred_oh, average='macro', zero_division=0))
-        out['f1'] = float(skm.f1_score(true_oh, pred_oh, average='macro', zero_division=0))
-        out['precision'] = float(skm.precision_score(true_oh, pred_oh, average='macro', zero_division=0))
-        out['recall'] = float(skm.recall_score(true_oh, pred_oh, average='macro', zero_division=0))
+        t, p = true_oh[:, macro], pred_oh[:, macro]
+        out['jaccard'] = float(skm.jaccard_score(t, p, average='macro', zero_division=0))
+        out['f1'] = float(skm.f1_score(t, p, average='macro', zero_division=0))
+        out['precision'] = float(skm.precision_score(t, p, average='macro', zero_division=0))
+        out['recall'] = float(skm.recall_score(t, p, average='macro', zero_division=0))
         out['kappa'] = _kappa(y_true, y_pred, None)
         # Quadratic weights need the full label range: with labels=None scikit-learn would measure the
         # distance between grades by their index among the grades present, not by the grade itself.
@@ -119,7 +127,7 @@ def compute_metrics(y_true, probs, num_classes: int | None = None,
         per_auc = [float('nan')] * k
         per_ap = [float('nan')] * k
         pos = true_oh.sum(axis=0)
-        undefined_auc = [c for c in range(k) if pos[c] == 0 or pos[c] == n]
+        undefined_auc = [c for c in macro if pos[c] == 0 or pos[c] == n]
         if finite:
             for c in range(k):
                 if pos[c] > 0:
@@ -133,13 +141,13 @@ def compute_metrics(y_true, probs, num_classes: int | None = None,
         names = ', '.join(_class_label(c, class_names) for c in undefined_auc)
         notes.append(f"metrics: class(es) {names} have no positive or no negative sample in y_true; their "
                      f"AUROC (and AP if no positives) is undefined, so macro roc_auc"
-                     f"{' and average_precision' if (pos == 0).any() else ''} and score are NaN; "
+                     f"{' and average_precision' if (pos[macro] == 0).any() else ''} and score are NaN; "
                      f"per_class_auroc holds the defined classes")
     out['per_class_auroc'] = per_auc
     out['per_class_ap'] = per_ap
     out['undefined_classes'] = undefined_auc
-    out['roc_auc'] = float(np.mean(per_auc))  # NaN if any class is undefined
-    out['average_precision'] = float(np.mean(per_ap))
+    out['roc_auc'] = float(np.mean([per_auc[c] for c in macro]))  # NaN if any class is undefined
+    out['average_precision'] = float(np.mean([per_ap[c] for c in macro]))
     out['score'] = (out['f1'] + out['roc_auc'] + out['kappa']) / 3.0
     out['notes'] = notes
     if notes:

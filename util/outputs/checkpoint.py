@@ -46,6 +46,14 @@ def _generator_from_plain(fields):
     return g
 
 
+def seed_everything(seed: int) -> int:
+    """Seed python's, numpy's and Paddle's generators with ``seed``; returns it."""
+    random.seed(seed)
+    np.random.seed(seed)
+    paddle.seed(seed)
+    return seed
+
+
 def rng_state() -> dict:
     """The python, numpy and paddle RNG states as plain values (tuples, lists, ints, numpy arrays)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(),
@@ -170,3 +178,22 @@ def check_eval_classes(saved_meta: dict, class_names, data_path: str, path: str)
         raise UserError(f"{path}: the checkpoint was trained on classes {list(saved)} but the data at "
                         f"{data_path} has {list(class_names)} (the metrics would pair outputs with the wrong "
                         "classes); rename the class folders / label columns to the checkpoint's names, in its order")
+
+
+def match_eval_classes(saved_meta: dict | None, class_names, task_type: str, data_path: str,
+                       path: str) -> list[int] | None:
+    """External validation on data that holds some of a checkpoint's classes: for each class of the data,
+    its index among the checkpoint's classes (matched by name); ``None`` when the names are the same, in the
+    same order, or the checkpoint has none. Classes the checkpoint does not know, or a regression grade
+    scale that differs, raise ``UserError``."""
+    saved = (saved_meta or {}).get("class_names")
+    if saved is None or list(saved) == list(class_names):
+        return None
+    unknown = [c for c in class_names if c not in saved]
+    if unknown or task_type == "regression" or len(set(class_names)) != len(list(class_names)):
+        what = (f"has classes {unknown} the checkpoint does not know" if unknown else
+                "grades a different scale" if task_type == "regression" else "repeats class names")
+        raise UserError(f"{path}: the checkpoint was trained on classes {list(saved)} but the data at {data_path} "
+                        f"{what} (its classes: {list(class_names)}); rename the class folders / label columns to "
+                        "the checkpoint's names (a subset of them may be evaluated)")
+    return [list(saved).index(c) for c in class_names]

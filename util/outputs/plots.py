@@ -15,12 +15,15 @@ import numpy as np
 
 from util.fileio import atomic_path
 from util.metrics.common import confusion_matrix
+from util.outputs.run_log import metric_name
 
 
-def _series(records: list[dict], key: str) -> list[float]:
+def _series(records: list[dict], *keys: str) -> list[float]:
+    """The values of the first of ``keys`` each record has (a resumed run's log.txt may hold lines written
+    before the keys were renamed: ``val_val_loss`` then ``val_loss``)."""
     out = []
     for r in records:
-        v = r.get(key)
+        v = next((r[k] for k in keys if k in r), None)
         out.append(float(v) if isinstance(v, (int, float)) and math.isfinite(v) else float("nan"))
     return out
 
@@ -43,11 +46,12 @@ def save_training_curves_png(log_path: str, path: str, best_epoch: int | None = 
     FigureCanvasAgg(fig)
     ax_loss, ax_val = fig.subplots(1, 2)
     ax_loss.plot(epochs, _series(records, "train_loss"), marker="o", label="train loss")
-    ax_loss.plot(epochs, _series(records, "val_val_loss"), marker="o", label="val loss")
+    ax_loss.plot(epochs, _series(records, "val_loss", "val_val_loss"), marker="o", label="val loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_title("loss")
     for name in metrics:
-        ax_val.plot(epochs, _series(records, f"val_{name}"), marker="o", label=name)
+        ax_val.plot(epochs, _series(records, f"val_{metric_name(name)}", f"val_{name}"), marker="o",
+                    label=metric_name(name))
     ax_val.set_xlabel("epoch")
     ax_val.set_title("validation" + (" (score = (F1 + AUROC + kappa) / 3)" if "score" in metrics else ""))
     for ax in (ax_loss, ax_val):

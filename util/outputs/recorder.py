@@ -5,14 +5,31 @@ scalars, a ``log.txt`` JSON line, ``checkpoint-best.pdparams`` (+ ``thresholds.j
 metric improved and ``checkpoint-last.pdparams`` (resumable). At the end: ``training_curves.png`` and the
 test outputs (``metrics_test.csv``, per-class table, predictions, confusion matrices). Only the main
 process writes; other ranks get a recorder whose methods do nothing.
+
+The metrics CSVs keep the reference's columns first (``task.columns``, ``val_loss`` being the loss of the
+split the file is named after) and add ``epoch``; ``metrics_test.csv`` also ``checkpoint_epoch`` (the epoch
+whose weights were tested) and ``timestamp`` (ISO 8601, UTC).
 """
 from __future__ import annotations
 
 import os
+from datetime import datetime, timezone
 
 import util.outputs.checkpoint as ckpt  # through the module: tests replace save_checkpoint there
 from util.outputs.plots import save_training_curves_png
 from util.outputs.reports import append_per_class_csv, save_thresholds_json, write_test_report
+from util.outputs.run_log import metric_name
+
+VAL_EXTRA_COLUMNS = ["epoch"]
+TEST_EXTRA_COLUMNS = ["epoch", "checkpoint_epoch", "timestamp"]
+
+
+def _epoch_or_nan(value) -> int | float:
+    """An epoch number for a CSV cell; NaN (the CSVs' 'not known') when there is none."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 class Recorder:
@@ -21,6 +38,7 @@ class Recorder:
         self.run_dir, self.logger, self.task = run_dir, logger, task
         self.class_names, self.identity, self.savemodel = list(class_names), identity, savemodel
         self.enabled = bool(logger.enabled and run_dir)
+        self.tested = {"epoch": None, "checkpoint_epoch": None}
 
     def path(self, name: str) -> str | None:
         return os.path.join(self.run_dir, name) if self.run_dir else None
@@ -29,16 +47,19 @@ class Recorder:
         """The epoch's rows: metrics_val.csv, per_class_val.csv, VisualDL, log.txt."""
         if not self.enabled:
             return
-        self.logger.csv_row("metrics_val.csv", self.task.columns, val_stats)
+        self.logger.csv_row("metrics_val.csv", list(self.task.columns) + VAL_EXTRA_COLUMNS, {**val_stats, "epoch": epoch})
         append_per_class_csv(self.path("per_class_val.csv"), val_stats.get("per_class", []), epoch)
-        self.logger.scalars("val", val_stats, epoch)
+        val = {metric_name(k): v for k, v in val_stats.items()}  # val_loss -> loss: val/loss, val_loss
+        self.logger.scalars("val", val, epoch)
         self.logger.json_line({"epoch": epoch, "train_lr": train_stats["lr"], "train_loss": train_stats["loss"],
-                               **{f"val_{k}": v for k, v in val_stats.items()}, "n_parameters": n_parameters})
+                               **{f"val_{k}": v for k, v in val.items()}, "n_parameters": n_parameters})
         self.logger.flush()
 
     def checkpoints(self, epoch: int, *, model, optimizer, scaler, schedule, val_stats: dict, val_metric: str,
-                    improved: bool, best_score: float, best_epoch: int, best_thresholds) -> None:
-        """checkpoint-best (and thresholds.json) when improved, then checkpoint-last; both atomic."""
+                    improved: bool, best_score: float, best_epoch: int, best_thresholds,
+                    epochs_without_improvement: int = 0, stopped_early: bool = False) -> None:
+        """checkpoint-best (and thresholds.json) when improved, then checkpoint-last; both atomic.
+        checkpoint-last also holds the early-stopping state (``--patience``), so a resumed run goes on counting."""
         if not self.enabled:
             return
         meta = {**self.identity, "best_epoch": best_epoch}
@@ -53,16 +74,26 @@ class Recorder:
         ckpt.save_checkpoint(self.path("checkpoint-last.pdparams"), model=model, optimizer=optimizer, scaler=scaler,
                         epoch=epoch, best_score=best_score, meta=meta,
                         extra={"best_epoch": best_epoch, "best_thresholds": best_thresholds,
-                               "schedule": schedule.state_dict()})
+                               "schedule": schedule.state_dict(),
+                               "epochs_without_improvement": int(epochs_without_improvement),
+                               "stopped_early": bool(stopped_early)})
 
     def curves(self, best_epoch: int, metrics) -> None:
         if self.enabled:
             save_training_curves_png(self.path("log.txt"), self.path("training_curves.png"), best_epoch=best_epoch,
                                      metrics=tuple(metrics))
 
+    def tested_weights(self, epoch=None, checkpoint_epoch=None) -> None:
+        """What the test is about to score, for metrics_test.csv: the run's last trained epoch (``None`` when this
+        run trained none, e.g. ``--eval``) and the epoch whose weights are tested."""
+        self.tested = {"epoch": epoch, "checkpoint_epoch": checkpoint_epoch}
+
     def test(self, stats: dict, y_true, outputs, dataset, num_classes: int) -> None:
         """metrics_test.csv (one evaluation: never appended), per-class table, predictions, confusion matrices."""
         if not self.enabled:
             return
-        self.logger.csv_row("metrics_test.csv", self.task.columns, stats, fresh=True)
+        row = {**stats, "epoch": _epoch_or_nan(self.tested["epoch"]),
+               "checkpoint_epoch": _epoch_or_nan(self.tested["checkpoint_epoch"]),
+               "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.logger.csv_row("metrics_test.csv", list(self.task.columns) + TEST_EXTRA_COLUMNS, row, fresh=True)
         write_test_report(self.run_dir, self.task, stats, y_true, outputs, dataset, num_classes)

@@ -16,8 +16,9 @@ from typing import Sequence
 import numpy as np
 
 from util.fileio import atomic_path, display_path
-from util.metrics.common import confusion_matrix
+from util.metrics.common import confusion_matrix, constant_output_warning
 from util.outputs.plots import save_confusion_matrix_png, save_multilabel_confusion_png
+from util.outputs.run_log import EVAL_LOSS_KEY, metric_name
 
 
 def _fmt(value) -> str:
@@ -45,6 +46,28 @@ def append_per_class_csv(path: str, rows: list[dict], epoch: int | None = None) 
             w.writerow((["epoch"] if epoch is not None else []) + cols)
         for r in rows:
             w.writerow(([epoch] if epoch is not None else []) + [_fmt(r.get(c, "")) for c in cols])
+
+
+def format_metrics(split: str, stats: dict, columns: Sequence[str]) -> str:
+    """One console line of an evaluation, the split said once: ``test loss 0.8123, accuracy 0.6000, ...``
+    (``engine_finetune.evaluate`` calls its loss ``val_loss`` whatever the split)."""
+    cells, seen = [], set()
+    for key in columns:
+        name = metric_name(key)
+        if key in stats and name not in seen:
+            seen.add(name)
+            cells.append(f"{split} {name} {float(stats[key]):.4f}" if key == EVAL_LOSS_KEY
+                         else f"{name} {float(stats[key]):.4f}")
+    return ", ".join(cells)
+
+
+def test_summary(stats: dict, outputs, columns: Sequence[str]) -> list[str]:
+    """The console lines of the test: its metrics, the thresholds tuned on val (if any), and a warning when
+    the model gave every image the same output."""
+    lines = [format_metrics("test", stats, columns)]
+    if stats.get("thresholds") is not None:
+        lines.append("test thresholds (tuned on val): " + ", ".join(f"{t:.3f}" for t in stats["thresholds"]))
+    return lines + constant_output_warning(outputs)
 
 
 def format_per_class(rows: list[dict], keys: Sequence[str] = ("precision", "recall", "f1", "support")) -> str:

@@ -91,12 +91,13 @@ def _rewrite(path: str, text: str) -> None:
 
 
 def trim_to_epoch(run_dir: str, epoch: int, per_epoch_csvs=("metrics_val.csv",),
-                  epoch_tagged_csvs=("per_class_val.csv",)) -> dict[str, int]:
+                  epoch_tagged_csvs=("per_class_val.csv",), say=None) -> dict[str, int]:
     """Drop the records of epochs after ``epoch`` (the epoch of the checkpoint being resumed).
 
     ``log.txt`` lines carry their epoch; ``epoch_tagged_csvs`` have an ``epoch`` column; ``per_epoch_csvs``
     have one row per epoch in order, as many as ``log.txt`` has lines for the epochs kept (both are written
-    together, before the epoch's checkpoint). Returns the number of rows dropped per file.
+    together, before the epoch's checkpoint). Returns the number of rows dropped per file (and tells
+    ``say`` about them, if given).
     """
     dropped: dict[str, int] = {}
     log = os.path.join(run_dir, "log.txt")
@@ -133,6 +134,9 @@ def trim_to_epoch(run_dir: str, epoch: int, per_epoch_csvs=("metrics_val.csv",),
         if len(body) != len(rows) - 1:
             dropped[name] = len(rows) - 1 - len(body)
             _rewrite(path, _csv_text([rows[0]] + body))
+    if dropped and say is not None:
+        say(f"resume: dropped the records of epochs after the checkpoint's epoch {epoch} ("
+            + ", ".join(f"{n} row(s) of {k}" for k, n in dropped.items()) + ")")
     return dropped
 
 

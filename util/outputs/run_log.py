@@ -2,7 +2,8 @@
 
 Only the main process writes; other ranks get a ``RunLogger`` whose writers are no-ops.
 VisualDL (``visualdl --logdir <output_dir>``) shows ``train/loss`` and ``train/lr`` at every optimizer
-step and ``val/<metric>`` per epoch.
+step and ``val/loss``, ``val/<metric>`` per epoch; ``log.txt`` has ``train_loss``, ``val_loss``,
+``val_<metric>``: each name says its split once (``metric_name``).
 """
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ import csv
 import json
 import math
 import os
+
+# engine_finetune.evaluate names its mean loss ``val_loss`` (the reference's CSV column) whatever split it
+# scored; where a split prefix is added (log.txt, VisualDL, the console) the bare name is used instead
+EVAL_LOSS_KEY = "val_loss"
+
+
+def metric_name(key: str) -> str:
+    """A metric's name without a split, for a split prefix to go in front: ``val_loss`` -> ``loss``."""
+    return "loss" if key == EVAL_LOSS_KEY else key
 
 
 def _clean(value):
@@ -57,6 +67,11 @@ class RunLogger:
             return
         path = os.path.join(self.run_dir, name)
         new = fresh or not os.path.isfile(path)
+        if not new:  # a resumed run appends in the file's own columns (a file begun by an older version)
+            with open(path, newline="", encoding="utf8") as f:
+                header = next(csv.reader(f), None)
+            new = not header
+            columns = header or columns
         with open(path, "w" if fresh else "a", newline="", encoding="utf8") as f:
             w = csv.writer(f)
             if new:
