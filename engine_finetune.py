@@ -23,6 +23,7 @@ from util.errors import UserError, close_matches
 from util.inference import AmpConfig
 from util.losses import build_loss
 from util.metrics import METRIC_COLUMNS, compute_metrics, per_class_report, selection_value
+from util.metrics.calibration import apply_temperature, apply_temperature_to_thresholds, temperature_applies
 from util.metrics.multi_label import MULTILABEL_COLUMNS, binarize, compute_multilabel_metrics, tune_thresholds_f1
 from util.metrics.regression import (
     REGRESSION_COLUMNS,
@@ -321,7 +322,8 @@ def train_one_epoch(model, criterion: Callable, data_loader, optimizer, epoch: i
 def evaluate(model, data_loader, task: TaskSpec, num_classes: int, *, loss_fn: Callable | None = None,
              thresholds=None, tune: bool = False, class_names=None, amp: AmpConfig | None = None,
              header: str = "Eval", print_freq: int | None = None,
-             print_interval: float = 30.0, classes=None) -> tuple[dict, np.ndarray, np.ndarray]:
+             print_interval: float = 30.0, classes=None,
+             temperature: float | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
     """Evaluate on a loader whose sampler is a ``ShardSampler`` (or sequential in a single process).
 
     Every example is counted exactly once whatever the number of processes: each rank evaluates its
@@ -331,9 +333,17 @@ def evaluate(model, data_loader, task: TaskSpec, num_classes: int, *, loss_fn: C
     ``classes`` (single-label): the class indices the macro averages run over (default all).
     Returns (metrics, y_true, outputs); ``metrics['thresholds']`` holds the thresholds used (or None).
     Progress under ``header`` as in ``train_one_epoch`` (``print_freq``, ``print_interval``).
+
+    ``temperature`` (fitted on validation by ``--calibrate``; probability tasks only, ignored for regression):
+    the loss is that of the logits divided by it, and the outputs are ``apply_temperature(outputs, T)``
+    before the thresholds are tuned or the metrics computed. Given multi-label thresholds (tuned on the
+    uncalibrated validation outputs) move through the same increasing map
+    (``apply_temperature_to_thresholds``), so every decision is the one the uncalibrated model makes and the
+    returned ``metrics['thresholds']`` are on the scale of the returned outputs. ``None`` changes nothing.
     """
     amp = amp or AmpConfig()
     loss_fn = loss_fn or build_loss(task.name, "auto", reduction="none")
+    scale = float(temperature) if temperature_applies(task.name, temperature) else None
     model.eval()
     rows = []
     width = task.label_dim(num_classes)
@@ -343,7 +353,7 @@ def evaluate(model, data_loader, task: TaskSpec, num_classes: int, *, loss_fn: C
             with amp.autocast():
                 logits = model(samples)
             logits = logits.astype("float32")
-            losses = loss_fn(logits, targets).reshape([-1, 1])
+            losses = loss_fn(logits if scale is None else logits / scale, targets).reshape([-1, 1])
             outputs = task.activation(logits)
             target_cols = targets.astype("float64").reshape([-1, width])
             rows.append(np.concatenate([target_cols.numpy(), losses.numpy().astype(np.float64),
@@ -359,6 +369,9 @@ def evaluate(model, data_loader, task: TaskSpec, num_classes: int, *, loss_fn: C
         ordered[r::len(parts)][: len(p)] = p
     y_true = task.decode_labels(ordered[:, :width])
     outputs = ordered[:, width + 1:]
+    if scale is not None:
+        outputs = apply_temperature(outputs, scale, task.name)
+        thresholds = apply_temperature_to_thresholds(thresholds, scale, task.name)
     if tune and task.tune is not None and total:
         thresholds = np.asarray(task.tune(y_true, outputs, num_classes), dtype=np.float64)
     subset = {} if classes is None else {"classes": classes}  # single-label data with some of the classes

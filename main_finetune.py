@@ -13,13 +13,13 @@ References: RETFound_MAE ``main_finetune.py`` (flags, recipe, outputs); MAE ``ma
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
 
 import numpy as np
 
-from util.errors import UserError
 from util.threads import math_threads
 from util.weights_files import find_weights
 
@@ -56,9 +56,7 @@ def main(cfg) -> dict:
     D.init_distributed()
     main_proc = D.get_rank() == 0
 
-    def say(msg: str) -> None:
-        if main_proc:
-            print(msg, flush=True)
+    say = functools.partial(print, flush=True) if main_proc else (lambda msg: None)  # the main process speaks
 
     for line in cfg._notes + config_warnings(cfg):
         say(line)
@@ -89,16 +87,18 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
     import engine_finetune as engine
     from models import create_model
     from models.pretrained import load_weights
+    from models.registry import check_views
     from util import distributed as D
-    from util.config import save_config
+    from util.config import config_to_dict, save_config
     from util.datasets import build_splits
     from util.datasets.loader import build_loaders
+    from util.explain import check_method, write_explanations
+    from util.final_test import run_test
     from util.image_check import check_dataset_images
     from util.inference import RunIdentity
     from util.losses import build_criterion
     from util.lr_decay import freeze_backbone
     from util.outputs.recorder import Recorder
-    from util.outputs.reports import test_summary
     from util.outputs.run_folder import trim_to_epoch
     from util.outputs.run_log import RunLogger
     from util.run_config import eval_classes
@@ -120,10 +120,9 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
     val_metric = task.check_metric(cfg.val_metric or task.default_val_metric, "--val_metric")
     model = create_model(model_name, num_classes=task.num_outputs(num_classes), drop_path_rate=cfg.drop_path,
                          global_pool=cfg.global_pool, input_size=cfg.input_size)
-    if getattr(model, "num_views", 1) != getattr(first, "num_views", 1):
-        raise UserError(f"--model {model_name} takes {model.num_views} image(s) per sample but the dataset "
-                        f"at {cfg.data_path} gives {first.num_views}; pick a matching model (dual_* models take "
-                        f"a left and a right eye; --eye_mode per_eye turns a dual-eye table into single images)")
+    check_views(model, model_name, getattr(first, "num_views", 1), cfg.data_path)
+    if cfg.explain:  # --explain rollout on a CNN fails now, not after training
+        check_method(cfg.explain, model)
     data_cfg = dict(model.default_cfg)  # input_size: --input_size, or the model's own default size
     if cfg.crop_pct is not None:
         data_cfg["crop_pct"] = cfg.crop_pct
@@ -140,6 +139,7 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
     if resume_state is not None and not cfg.eval and main_proc and run_dir:
         trim_to_epoch(run_dir, int(resume_state["epoch"]), say=say)  # records of epochs after the checkpoint's
     thresholds = (resume_state or {}).get("thresholds") if cfg.eval else None
+    temperature = (resume_state or {}).get("temperature") if cfg.eval else None  # --calibrate fitted it on val
     if matched is not None:  # the model's outputs for the data's classes
         model, thresholds, class_names, num_classes = matched.apply(model, thresholds)
     if cfg.freeze_backbone:
@@ -168,22 +168,23 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
                           info={"world_size": world, "device": device, "amp": amp.enabled,
                                 "n_parameters": n_parameters, "class_names": class_names, "task": first.task_type,
                                 "val_metric": val_metric, "paddle": paddle.__version__, "data_cfg": data_cfg})
+        calibration = {}  # --calibrate: the temperature fitted on val, for the test
         thresholds = fit(model, bare_model, loaders, seeders, task, num_classes, class_names,
                          criterion=build_criterion(task, cfg.loss, **losses), eval_loss=eval_loss, amp=amp,
-                         logger=logger, recorder=recorder, opts=opts, resume_state=resume_state, say=say)
-    stats, y_true, outputs = engine.evaluate(model, loaders["test"], task, num_classes, loss_fn=eval_loss,
-                                             thresholds=thresholds, class_names=class_names, amp=amp,
-                                             header="Test", print_freq=cfg.print_freq,
-                                             classes=matched.macro_over if matched else None)
-    D.stop_watching_peers()  # the test gather was the last collective: the other ranks may now exit
-    for line in test_summary(stats, outputs, task.columns):
-        say(line)
-    if cfg.eval:
-        recorder.tested_weights(checkpoint_epoch=(resume_state or {}).get("epoch"))
-    recorder.test(stats, y_true, outputs, datasets["test"], num_classes)
+                         logger=logger, recorder=recorder, opts=opts, resume_state=resume_state, say=say,
+                         calibration=calibration)
+        temperature = calibration.get("temperature")
+    explain = None if not cfg.explain else lambda ds: write_explanations(
+        bare_model, ds, os.path.join(run_dir, "explanations"), cfg.explain, mean=data_cfg["mean"], std=data_cfg["std"])
+    stats = run_test(model, loaders["test"], datasets, task, num_classes, recorder, say, eval_loss=eval_loss,
+                     thresholds=thresholds, temperature=temperature, class_names=class_names, amp=amp,
+                     print_freq=cfg.print_freq, classes=matched.macro_over if matched else None, explain=explain,
+                     tested_epoch=(resume_state or {}).get("epoch") if cfg.eval else None,
+                     report=dict(config=config_to_dict(cfg), model=model_name, device=device, data_path=cfg.data_path,
+                                 checkpoint=cfg.resume if cfg.eval else recorder.path("checkpoint-best.pdparams"),
+                                 weights=find_weights(cfg.finetune, cfg.weights_dir) if cfg.finetune and not cfg.eval
+                                 else None))
     logger.close()
-    if run_dir:
-        say(f"outputs: {os.path.abspath(run_dir)}")
     return stats
 
 

@@ -15,6 +15,11 @@ The output has ``file`` and ``prediction`` (class name / grade; for multi-label 
 labels) then the task's outputs (probabilities per class or label; the continuous grade for regression).
 The DR seed's ``result.csv`` (image name, predicted grade) is the first two columns.
 
+``--explain rollout|gradcam`` also writes, per image, a heat map of what the model looked at
+(``util/explain.py``: attention rollout for ViT models, Grad-CAM for every model): ``<name>.png`` (the map
+over the preprocessed input) and ``<name>.npy`` (the raw map in [0, 1]) in ``--explain_dir`` (default
+``<output stem>_explain/`` next to ``--output``), and an ``explanation`` column with the PNG's path.
+
 References: the DR-grading seed system's predict step (README.md, Seed systems).
 """
 from __future__ import annotations
@@ -60,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fixed_thresholds", action="store_true",
                    help="use the default cuts (0.5 / grade midpoints) instead of the thresholds tuned on val")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    p.add_argument("--explain", default=None, choices=["rollout", "gradcam"],
+                   help="also write a heat map per image: attention rollout (ViT models) or Grad-CAM (any model)")
+    p.add_argument("--explain_class", default=None, metavar="NAME_OR_INDEX",
+                   help="the class Grad-CAM explains (default: the predicted class; multi-label: the most "
+                        "probable label)")
+    p.add_argument("--explain_dir", default=None,
+                   help="folder for the heat maps (default: <output stem>_explain next to --output)")
     a = p.parse_args(argv)
     try:
         return predict(a)
@@ -79,6 +91,7 @@ def predict(a) -> int:
     from util.datasets.odir import read_image_pairs
     from util.fileio import atomic_path, display_path
     from util.inference import RunIdentity, select_device
+    from util.metrics.calibration import apply_temperature, apply_temperature_to_thresholds
     from util.outputs.checkpoint import read_toolkit_checkpoint
     from util.progress import Progress
     from util.transforms.assemble import eval_inputs
@@ -98,6 +111,17 @@ def predict(a) -> int:
     load_state_dict_strict(model, state["model"], a.resume)
     model.eval()
     thresholds = None if a.fixed_thresholds else state.get("thresholds")
+    explainer, target = None, None
+    if a.explain:
+        from util.explain import ExplanationWriter, check_method, resolve_target
+
+        check_method(a.explain, model)
+        target = resolve_target(a.explain_class, class_names, model.num_outputs, a.explain)
+        explain_dir = a.explain_dir or os.path.splitext(a.output)[0] + "_explain"
+        explainer = ExplanationWriter(explain_dir, a.explain, identity.mean, identity.std, class_names)
+    elif a.explain_class is not None or a.explain_dir is not None:
+        raise UserError("--explain_class / --explain_dir: given without --explain (they set what the heat maps "
+                        "show and where they go); add --explain gradcam or --explain rollout")
     # the same reader and eval transform as the run's own evaluation
     reader, transform = eval_inputs(model.num_views, identity.data_cfg(), identity.preprocessing())
     if model.num_views == 2:
@@ -116,7 +140,7 @@ def predict(a) -> int:
         base = a.input if os.path.isdir(a.input) else os.path.dirname(a.input)
         names = [display_path(os.path.relpath(f, base).replace(os.sep, "/")) for f in items]
 
-    outputs = []
+    outputs, pngs = [], []
     starts = range(0, len(items), a.batch_size)
     # on stderr, so that stdout keeps the result line; a bar on a terminal, else a line every 30 s
     with paddle.no_grad(), Progress(len(starts), "Predict", stream=sys.stderr, leave=True) as progress:
@@ -124,17 +148,26 @@ def predict(a) -> int:
             batch = np.stack([load(it) for it in items[start:start + a.batch_size]])
             logits = model(paddle.to_tensor(batch)).astype("float32")
             outputs.append(task.activation(logits).numpy().astype(np.float64))
+            if explainer is not None:   # Grad-CAM turns gradients back on for its own forward
+                written = explainer.write(model, batch, names[start:start + len(batch)], target)
+                pngs += [display_path(png) for _, png in written]
             progress.update(step, images=len(batch))
     outputs = np.concatenate(outputs)
+    temperature = state.get("temperature")  # fitted on val by --calibrate (probability tasks only)
+    if temperature is not None:  # calibrated probabilities; thresholds moved with them, so decisions stay
+        outputs = apply_temperature(outputs, temperature, task.name)
+        thresholds = apply_temperature_to_thresholds(thresholds, temperature, task.name)
     preds = task.predict(outputs, num_classes, thresholds)
     with atomic_path(a.output, suffix=".csv") as tmp:
         with open(tmp, "w", newline="", encoding="utf8") as f:
             w = csv.writer(f)
-            w.writerow(["file"] + task.result_columns(class_names))
-            for n, pr, out in zip(names, preds, outputs):
-                w.writerow([n] + task.result_row(class_names, pr, out))
+            w.writerow(["file"] + task.result_columns(class_names) + (["explanation"] if explainer is not None else []))
+            for i, (n, pr, out) in enumerate(zip(names, preds, outputs)):
+                w.writerow([n] + task.result_row(class_names, pr, out) + ([pngs[i]] if explainer is not None else []))
     print(f"wrote {len(items)} predictions to {a.output}"
           + (" (thresholds tuned on val)" if thresholds is not None else ""))
+    if explainer is not None:
+        print(f"wrote {len(pngs)} {a.explain} heat maps (.png, .npy) to {display_path(explainer.out_dir)}")
     return 0
 
 

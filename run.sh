@@ -182,7 +182,7 @@ for name in "${plan[@]}"; do
   run_preset "$name" "$data" "$(run_name "$name")"
 done
 echo; echo "Test metrics per dataset:"
-"$PYTHON" tools/summarize_runs.py "${runs[@]}"
+"$PYTHON" tools/summarize_runs.py --markdown "${runs[@]}"  # value (95% CI) per metric, Markdown
 [ -n "$skipped" ] && echo "Skipped (no data under DATA_ROOT=$root): $skipped"
 if [ ${#failures[@]} -gt 0 ]; then echo "Failed: ${failures[*]}"; exit 1; fi
 exit 0

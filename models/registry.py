@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
-from util.errors import unknown_name_error
+from util.errors import UserError, unknown_name_error
 
 _MODELS: dict[str, Callable] = {}
 
@@ -53,3 +53,11 @@ def create_model(name: str, num_classes: int, drop_path_rate: float = 0.0, globa
     fn = _MODELS[resolve_model_name(name)]
     kwargs = {} if input_size is None else {"input_size": int(input_size)}
     return fn(num_classes=num_classes, drop_path_rate=drop_path_rate, global_pool=global_pool, **kwargs)
+
+
+def check_views(model, model_name: str, num_views: int, data_path: str) -> None:
+    """A dual-eye model needs a left and a right image per sample, a single-view model one."""
+    if getattr(model, "num_views", 1) != num_views:
+        raise UserError(f"--model {model_name} takes {model.num_views} image(s) per sample but the dataset "
+                        f"at {data_path} gives {num_views}; pick a matching model (dual_* models take "
+                        f"a left and a right eye; --eye_mode per_eye turns a dual-eye table into single images)")

@@ -131,6 +131,13 @@ class PatchEmbed(nn.Layer):
 
 
 class Attention(nn.Layer):
+    # Where ``util/explain.py`` collects the attention weights for attention rollout: a list set on the
+    # instance receives ``attn`` [B, heads, N, N] at every forward. None (the class default) keeps nothing, so
+    # training and inference are unchanged (same kernels, same outputs, no extra memory). A fused attention
+    # path added later (``F.scaled_dot_product_attention``, flash attention) never materialises the weights:
+    # it may be taken only while ``attn_sink is None``, the explicit softmax below being used otherwise.
+    attn_sink: list | None = None
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
@@ -153,6 +160,8 @@ class Attention(nn.Layer):
         # [4, 12, 197, 64] tensor on CPU, 0.7 ms via the transpose kernel einsum uses). Same kernels
         # otherwise, bit-identical outputs and gradients; ViT-B/16 CPU train step 1.38 -> 1.76 img/s.
         attn = F.softmax(paddle.einsum('bnhd,bmhd->bhnm', q * self.scale, k), axis=-1)
+        if self.attn_sink is not None:
+            self.attn_sink.append(attn)
         x = paddle.einsum('bhnm,bmhd->bnhd', attn, v).reshape([B, N, C])
         return self.proj(x)
 

@@ -1,13 +1,19 @@
 """Print a table of test metrics from run folders (``<run>/metrics_test.csv``), optionally beside
-published numbers.
+published numbers, as Markdown with 95% confidence intervals, or runs side by side.
 
     python tools/summarize_runs.py output_dir/RETFound_mae_meh-OCTID output_dir/RETFound_mae_meh-Retina
     python tools/summarize_runs.py --demo output_dir/demo_retinamnist
+    python tools/summarize_runs.py --markdown RUN ...    # a Markdown table: value (95% CI) per headline metric
+    python tools/summarize_runs.py --compare RUN_A RUN_B  # every metric a row, one column per run, the best marked
+
+The intervals come from ``<run>/metrics_test_ci.csv`` (columns ``metric, value, ci_low, ci_high``: bootstrap
+95% CIs on the test split); a run without that file shows its values alone.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import sys
 
@@ -43,11 +49,125 @@ def read_last_row(path: str) -> dict | None:
     return rows[-1] if rows else None
 
 
+CI_FILE = "metrics_test_ci.csv"
+# columns of metrics_test.csv that are not metrics; the loss is not bootstrapped and says little to a reader
+NOT_METRICS = ("val_loss", "epoch", "checkpoint_epoch", "timestamp")
+LOWER_IS_BETTER = ("hamming", "mae")
+
+
+def _number(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def read_cis(run: str) -> dict[str, tuple[float, float]]:
+    """``metric -> (ci_low, ci_high)`` from ``<run>/metrics_test_ci.csv``; empty when the run has none."""
+    path = os.path.join(run, CI_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline="", encoding="utf8") as f:
+        return {r["metric"]: (_number(r.get("ci_low")), _number(r.get("ci_high"))) for r in csv.DictReader(f)}
+
+
+def cell(value, ci=None) -> str:
+    """``0.812 (0.775–0.846)``; ``-`` for a metric the run does not have, ``n/a`` for an undefined one,
+    ``(CI n/a)`` for an interval that is undefined (a metric NaN in every resample)."""
+    if value in (None, ""):
+        return "-"
+    v = _number(value)
+    if math.isnan(v):
+        return "n/a"
+    if ci is None:  # the run has no interval for it (no metrics_test_ci.csv, or not bootstrapped)
+        return f"{v:.3f}"
+    if not all(math.isfinite(b) for b in ci):
+        return f"{v:.3f} (CI n/a)"
+    return f"{v:.3f} ({ci[0]:.3f}\u2013{ci[1]:.3f})"
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _md_row(cells) -> str:
+    return "| " + " | ".join(_md(c) for c in cells) + " |"
+
+
+def markdown_table(runs: list[str]) -> tuple[list[str], int]:
+    """Markdown lines: one table per column set (task type), a row per run with value (95% CI) per headline
+    metric; and the number of runs without metrics_test.csv."""
+    lines, header, missing = [], None, 0
+    for run in runs:
+        row = read_last_row(os.path.join(run, "metrics_test.csv"))
+        name = os.path.basename(os.path.normpath(run))
+        cols = columns_for(row) if row is not None else header or COLUMNS
+        if cols != header:
+            lines += ([""] if lines else []) + [_md_row(["run", *cols]), "|---|" + "---:|" * len(cols)]
+            header = cols
+        if row is None:
+            lines.append(_md_row([name, "(no metrics_test.csv: the run did not finish)", *[""] * (len(cols) - 1)]))
+            missing += 1
+            continue
+        cis = read_cis(run)
+        lines.append(_md_row([name, *(cell(row.get(c), cis.get(c)) for c in cols)]))
+    lines += ["", "Test split; in brackets the 95% bootstrap confidence interval (from metrics_test_ci.csv, where "
+                  "the run has one)."]
+    return lines, missing
+
+
+def _overlap(a, b) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def compare_table(runs: list[str]) -> tuple[list[str], int]:
+    """Markdown lines: every metric of the runs a row, one column per run (value and 95% CI), then the best run
+    and whether its CI overlaps another run's (overlapping intervals do not show a difference)."""
+    names = [os.path.basename(os.path.normpath(r)) for r in runs]
+    rows = [read_last_row(os.path.join(r, "metrics_test.csv")) for r in runs]
+    cis = [read_cis(r) for r in runs]
+    metrics: list[str] = []
+    for row, ci in zip(rows, cis):
+        for m in list(ci) + list(row or {}):
+            if m not in metrics and m not in NOT_METRICS:
+                metrics.append(m)
+    lines = [_md_row(["metric", *names, "best"]), "|---|" + "---:|" * len(names) + "---|"]
+    for m in metrics:
+        values = [_number((row or {}).get(m)) for row in rows]
+        cells = [cell((row or {}).get(m), ci.get(m)) if row is not None else "(no metrics_test.csv)"
+                 for row, ci in zip(rows, cis)]
+        finite = [i for i, v in enumerate(values) if math.isfinite(v)]
+        best = ""
+        if len(finite) > 1:
+            pick = min if m in LOWER_IS_BETTER else max
+            b = pick(finite, key=lambda i: values[i])
+            others = [cis[i].get(m) for i in finite if i != b]
+            if cis[b].get(m) and all(o and all(map(math.isfinite, o)) for o in others) \
+                    and all(map(math.isfinite, cis[b][m])):
+                apart = not any(_overlap(cis[b][m], o) for o in others)
+                best = f"{names[b]} ({'CI clear of the others' if apart else 'CIs overlap'})"
+            else:
+                best = names[b]
+        lines.append(_md_row([m, *cells, best]))
+    lines += ["", "Test split; in brackets the 95% bootstrap confidence interval (metrics_test_ci.csv). Overlapping "
+                  "intervals do not show that one run is better; a paired comparison needs the same test images."]
+    return lines, sum(row is None for row in rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders")
-    p.add_argument("--demo", action="store_true", help="compare with the published RetinaMNIST numbers")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--demo", action="store_true", help="compare with the published RetinaMNIST numbers")
+    mode.add_argument("--markdown", action="store_true",
+                      help="a Markdown table, each headline metric with its 95%% CI")
+    mode.add_argument("--compare", action="store_true",
+                      help="runs side by side (Markdown): every metric a row, one column per run")
     a = p.parse_args(argv)
+    if a.markdown or a.compare:
+        lines, missing = (compare_table if a.compare else markdown_table)(a.runs)
+        print("\n".join(lines))
+        return 1 if missing == len(a.runs) else 0
     width = max(len(os.path.basename(os.path.normpath(r))) for r in a.runs) + 2
     missing, header = 0, None
     for run in a.runs:

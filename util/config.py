@@ -210,6 +210,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--tune_thresholds', default=None, action=b,
                    help='tune decision thresholds on validation and apply them at test (default: on for '
                         'multi-label, off for regression; single-label predicts the argmax)')
+    g.add_argument('--calibrate', default=False, action=b,
+                   help='after training, fit a temperature on the best checkpoint\'s validation outputs (minimum '
+                        'NLL), store it in the checkpoint and apply it to the test probabilities; decisions do not '
+                        'change (single- and multi-label; regression has no probabilities)')
+    g.add_argument('--explain', default=None, choices=['rollout', 'gradcam'],
+                   help='heat maps of the test images in <run>/explanations (overlay PNG + raw .npy each) and '
+                        'examples in report.html: attention rollout (ViT) or Grad-CAM (ViT and CNNs)')
     g.add_argument('--patience', default=0, type=int,
                    help='early stopping: stop when --val_metric has not improved for N epochs in a row (0: off)')
     g.add_argument('--per_class_report', default=False, action=b,

@@ -20,9 +20,18 @@ import engine_finetune as engine
 from models.pretrained import load_state_dict_strict
 from util import distributed as D
 from util.errors import UserError
+from util.fileio import atomic_path
 from util.lr_decay import build_optimizer
 from util.lr_sched import Schedule, build_schedule, effective_lr
-from util.outputs.checkpoint import load_checkpoint, load_optimizer_state_by_name, set_rng_state
+from util.metrics.calibration import (
+    CALIBRATED_TASKS,
+    apply_temperature,
+    apply_temperature_to_thresholds,
+    calibration_summary,
+    fit_temperature,
+    negative_log_likelihood,
+)
+from util.outputs.checkpoint import atomic_save, load_checkpoint, load_optimizer_state_by_name, set_rng_state
 from util.outputs.reports import format_metrics, format_per_class
 
 
@@ -50,6 +59,7 @@ class FitOptions:
     val_metric: str = "score"
     patience: int = 0  # stop after this many epochs in a row without a new best val_metric; 0: never
     tune_thresholds: bool | None = None
+    calibrate: bool = False  # fit a temperature on the tested weights' val outputs (calibrate_on_val)
     clip_grad: float | None = None
     start_epoch: int = 0
     print_freq: int = 20
@@ -172,10 +182,64 @@ def check_steps(steps_per_epoch: int, n_images: int, opts: FitOptions, say) -> N
             "step uses (as in the reference); pick an --accum_iter that divides it to use every batch")
 
 
+def calibrate_on_val(model, val_loader, task, num_classes: int, class_names: list, thresholds, *, eval_loss, amp,
+                     print_freq: int, say) -> dict | None:
+    """``--calibrate``: fit a temperature on the validation outputs of the weights in ``model``.
+
+    Returns ``{'temperature', 'nll': (before, after), 'ece': (before, after)}`` after printing them on one
+    line, or ``None`` for regression (its output is a grade: nothing to calibrate; said so).
+
+    Multi-label thresholds tuned on validation before calibration stay as they were tuned, on the
+    uncalibrated probabilities (that is what the checkpoint's ``thresholds`` mean, for every reader that
+    knows no temperature); ``evaluate(..., temperature=T)`` moves them through the same increasing map as the
+    probabilities. So T changes the reported probabilities, the loss and the calibration, never a decision.
+    Re-tuning on the calibrated validation outputs would find the same split of the validation cases (the
+    map keeps their order) but could place the cut elsewhere between them, changing test decisions for no
+    gain in validation F1; T is a calibration of the probabilities, not a new classifier.
+    """
+    if task.name not in CALIBRATED_TASKS:
+        say(f"calibration: --calibrate does not apply to {task.name} (its output is a grade, not a "
+            "probability); skipped")
+        return None
+    _, y_true, outputs = engine.evaluate(model, val_loader, task, num_classes, loss_fn=eval_loss, thresholds=thresholds,
+                                         class_names=class_names, amp=amp, header="Calibrate", print_freq=print_freq)
+    temperature = fit_temperature(y_true, outputs, task.name)
+    after = apply_temperature(outputs, temperature, task.name)
+    nll = tuple(negative_log_likelihood(y_true, o, task.name) for o in (outputs, after))
+    ece = tuple(calibration_summary(y_true, o, task.name).get("ece", math.nan) for o in (outputs, after))
+    say(f"calibration: temperature {temperature:.4g} fitted on val (NLL {nll[0]:.4f} -> {nll[1]:.4f}, "
+        f"ECE {ece[0]:.4f} -> {ece[1]:.4f})")
+    return {"temperature": temperature, "nll": nll, "ece": ece}
+
+
+def store_temperature(state: dict, bare_model, best_path: str, thresholds_path: str | None, task,
+                      temperature: float) -> None:
+    """Rewrite ``checkpoint-best.pdparams`` (atomically) with a top-level ``temperature``, and add it to
+    ``thresholds.json`` when there is one (multi-label: with the thresholds on the calibrated scale too)."""
+    atomic_save({**state, "model": bare_model.state_dict(), "temperature": float(temperature)}, best_path)
+    if not thresholds_path or not os.path.isfile(thresholds_path):
+        return
+    with open(thresholds_path, encoding="utf8") as f:
+        record = json.load(f)
+    record["temperature"] = float(temperature)
+    if task.name == "multi_label" and record.get("thresholds") is not None:
+        calibrated = apply_temperature_to_thresholds(record["thresholds"], temperature, task.name)
+        record["thresholds_calibrated"] = [float(t) for t in calibrated]
+        record["temperature_note"] = ("thresholds apply to the uncalibrated probabilities, thresholds_calibrated "
+                                      "to the probabilities with the temperature applied: the same decisions")
+    with atomic_path(thresholds_path, suffix=".json") as tmp, open(tmp, "w", encoding="utf8") as f:
+        json.dump(record, f, indent=2)
+
+
 def fit(model, bare_model, loaders: dict, seeders: dict, task, num_classes: int, class_names: list, *, criterion,
-        eval_loss, amp, logger, recorder, opts: FitOptions, resume_state: dict | None, say):
+        eval_loss, amp, logger, recorder, opts: FitOptions, resume_state: dict | None, say,
+        calibration: dict | None = None):
     """Train with per-epoch validation and checkpoints; leaves the best checkpoint's weights in the model and
-    returns the decision thresholds tuned on validation at that epoch (``None`` when not tuned)."""
+    returns the decision thresholds tuned on validation at that epoch (``None`` when not tuned).
+
+    With ``opts.calibrate`` a temperature is fitted on the validation outputs of the weights to be tested
+    (``calibrate_on_val``) and stored in checkpoint-best (``store_temperature``); ``calibration`` (a dict,
+    when given) receives ``calibrate_on_val``'s result, for the test: ``evaluate(..., temperature=...)``."""
     training = build_training(bare_model, task, opts, amp, say)
     run = restore_training(resume_state, training, bare_model, opts, say)
     if logger.enabled:
@@ -248,8 +312,27 @@ def fit(model, bare_model, loaders: dict, seeders: dict, task, num_classes: int,
         state = load_checkpoint(best_path)
         load_state_dict_strict(bare_model, state["model"], best_path)
         recorder.tested_weights(last_epoch if last_epoch >= 0 else None, state.get("epoch", run.best_epoch))
+        thresholds = state.get("thresholds")
+        fitted = _calibrate(model, loaders, task, num_classes, class_names, thresholds, eval_loss, amp, opts, say,
+                            calibration)
+        if fitted is not None and recorder.enabled:
+            store_temperature(state, bare_model, best_path, recorder.path("thresholds.json"), task,
+                              fitted["temperature"])
         say(f"Test on the best checkpoint (epoch {run.best_epoch})")
-        return state.get("thresholds")
+        return thresholds
     recorder.tested_weights(*(2 * [last_epoch if last_epoch >= 0 else None]))
+    _calibrate(model, loaders, task, num_classes, class_names, run.best_thresholds, eval_loss, amp, opts, say,
+               calibration)
     say("Test on the final weights (no best checkpoint was saved: --no-savemodel or no output folder)")
     return run.best_thresholds
+
+
+def _calibrate(model, loaders, task, num_classes, class_names, thresholds, eval_loss, amp, opts, say, calibration):
+    """``calibrate_on_val`` when ``--calibrate`` is on (every rank: the evaluation is collective)."""
+    if not opts.calibrate:
+        return None
+    fitted = calibrate_on_val(model, loaders["val"], task, num_classes, class_names, thresholds, eval_loss=eval_loss,
+                              amp=amp, print_freq=opts.print_freq, say=say)
+    if fitted is not None and calibration is not None:
+        calibration.update(fitted)
+    return fitted

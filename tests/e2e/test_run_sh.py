@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,8 +17,8 @@ TINY = ["--model", "vit_test", "--input_size", "32", "--batch_size", "4", "--epo
 
 
 # Stands in for PYTHON: "main_finetune.py ARGS" is logged (one JSON list a line) and, unless FAKE_FAIL names
-# the run folder, leaves a metrics_test.csv in --output_dir/--task (the last of each, as argparse takes them);
-# anything else (summarize_runs.py, python -c) runs on the real interpreter.
+# the run folder, leaves a metrics_test.csv and a metrics_test_ci.csv in --output_dir/--task (the last of each,
+# as argparse takes them); anything else (summarize_runs.py, python -c) runs on the real interpreter.
 FAKE_PYTHON = """#!{python}
 import json, os, sys
 argv = sys.argv[1:]
@@ -32,6 +33,8 @@ if os.path.basename(run) == os.environ.get("FAKE_FAIL"):
 os.makedirs(run, exist_ok=True)
 with open(os.path.join(run, "metrics_test.csv"), "w") as f:
     f.write("accuracy,f1,roc_auc,kappa,kappa_quadratic,average_precision\\n0.5,0.25,0.75,0.1,0.2,0.3\\n")
+with open(os.path.join(run, "metrics_test_ci.csv"), "w") as f:
+    f.write("metric,value,ci_low,ci_high\\naccuracy,0.5,0.4,0.6\\nf1,0.25,nan,nan\\n")
 """
 
 
@@ -56,6 +59,14 @@ def flag(argv, name):
     return [v for k, v in zip(argv, argv[1:]) if k == name][-1]
 
 
+def summary_table(stdout):
+    """The cells of the Markdown rows (header first, separator left out) printed after 'Test metrics per
+    dataset:'."""
+    text = stdout.split("Test metrics per dataset:")[1]
+    return [[c.strip() for c in ln.strip()[1:-1].split("|")] for ln in text.splitlines()
+            if ln.startswith("|") and not ln.startswith("|---")]
+
+
 def test_benchmark_presets_skip_absent_and_summarise(tmp_path):
     # the one real (tiny) training run: all eight benchmarks asked for, only OCTID has data
     make_class_folders(tmp_path / "data" / "OCTID")
@@ -63,10 +74,13 @@ def test_benchmark_presets_skip_absent_and_summarise(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "skipping retina" in res.stdout and "Retina" in res.stdout
     summary = res.stdout.split("Test metrics per dataset:")[1].strip().splitlines()
-    assert summary[0].split()[:4] == ["run", "accuracy", "f1", "roc_auc"]
-    row = summary[1].split()
+    table = summary_table(res.stdout)
+    assert table[0][:4] == ["run", "accuracy", "f1", "roc_auc"] and len(table) == 2
+    row = table[1]
     # --model vit_test overrides the preset's retfound_mae, so the run is named after vit_test
-    assert row[0] == "vit_test-OCTID" and 0.0 <= float(row[1]) <= 1.0
+    assert row[0] == "vit_test-OCTID" and 0.0 <= float(row[1].split()[0]) <= 1.0
+    if (tmp_path / "out" / "vit_test-OCTID" / "metrics_test_ci.csv").is_file():  # the run bootstraps its CIs
+        assert re.fullmatch(r"\d\.\d{3} \(\d\.\d{3}\u2013\d\.\d{3}\)", row[1]), row
     # the skipped benchmarks are listed again after the table, each with the folder it lacked
     skipped = [ln for ln in summary if ln.startswith("Skipped")]
     assert len(skipped) == 1 and f"DATA_ROOT={tmp_path / 'data'}" in skipped[0]
@@ -130,7 +144,9 @@ def test_a_failed_run_fails_the_script_and_is_named(tmp_path):
     res, calls = fake_run_sh(tmp_path, ["octid", "papila"], FAKE_FAIL="RETFound_mae_meh-OCTID")
     assert res.returncode == 1 and len(calls) == 2, res.stdout + res.stderr
     assert "Failed: octid" in res.stdout.splitlines()
-    assert "RETFound_mae_meh-PAPILA" in res.stdout.split("Test metrics per dataset:")[1]
+    rows = {r[0]: r for r in summary_table(res.stdout)[1:]}
+    assert rows["RETFound_mae_meh-PAPILA"][1:3] == ["0.500 (0.400\u20130.600)", "0.250 (CI n/a)"]
+    assert rows["RETFound_mae_meh-OCTID"][1] == "(no metrics_test.csv: the run did not finish)"
 
 
 def test_relative_paths_are_taken_from_the_callers_folder(tmp_path):
@@ -171,8 +187,7 @@ def test_model_override_names_the_run_after_the_model(tmp_path):
         res, calls = fake_run_sh(tmp_path, ["octid", "multilabel_effb4", "--", *flags])
         assert res.returncode == 0, res.stdout + res.stderr
         assert [flag(argv, "--task") for argv in calls] == expected, flags
-        table = res.stdout.split("Test metrics per dataset:")[1].strip().splitlines()
-        assert [ln.split()[0] for ln in table[1:]] == expected
+        assert [row[0] for row in summary_table(res.stdout)[1:]] == expected
 
 
 def test_summary_headers_are_separated_and_aligned(tmp_path):
@@ -200,6 +215,46 @@ def test_summary_headers_are_separated_and_aligned(tmp_path):
         assert ends(row)[1:] == ends(head)[1:], (head, row)  # each value right-aligned under its header
         gaps = [end - len(c) - prev for prev, end, c in zip(ends(head), ends(head)[1:], cols)]
         assert min(gaps) >= 2, head  # at least two spaces before each header
+
+
+def test_summary_markdown_with_cis_and_runs_side_by_side(tmp_path):
+    cols = "val_loss,accuracy,f1,roc_auc,kappa,kappa_quadratic,average_precision,epoch"
+    runs = {"A|1": ("0.5,0.8,0.7,0.9,0.6,0.65,0.75,3", "accuracy,0.8,0.75,0.85\nf1,0.7,0.6,0.8\nroc_auc,0.9,0.85,0.95\n"),
+            "B": ("0.4,0.7,0.72,0.8,0.5,0.6,nan,3", "accuracy,0.7,0.65,0.74\nf1,0.72,0.6,0.8\nroc_auc,0.8,nan,nan\n"),
+            "C": ("0.4,0.6,0.5,0.7,0.4,0.5,0.5,2", None)}  # C: a run from before metrics_test_ci.csv
+    for name, (values, cis) in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics_test.csv").write_text(f"{cols}\n{values}\n")
+        if cis:
+            (tmp_path / name / "metrics_test_ci.csv").write_text("metric,value,ci_low,ci_high\n" + cis)
+    (tmp_path / "D").mkdir()  # did not finish
+    tool = [sys.executable, os.path.join(ROOT, "tools", "summarize_runs.py")]
+    folders = [str(tmp_path / n) for n in (*runs, "D")]
+
+    res = subprocess.run([*tool, "--markdown", *folders], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[:6] == [
+        "| run | accuracy | f1 | roc_auc | kappa | kappa_quadratic | average_precision |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        "| A\\|1 | 0.800 (0.750\u20130.850) | 0.700 (0.600\u20130.800) | 0.900 (0.850\u20130.950) | 0.600 | 0.650 | 0.750 |",
+        "| B | 0.700 (0.650\u20130.740) | 0.720 (0.600\u20130.800) | 0.800 (CI n/a) | 0.500 | 0.600 | n/a |",
+        "| C | 0.600 | 0.500 | 0.700 | 0.400 | 0.500 | 0.500 |",
+        "| D | (no metrics_test.csv: the run did not finish) |  |  |  |  |  |"]
+    assert "95% bootstrap confidence interval" in lines[-1]
+
+    res = subprocess.run([*tool, "--compare", *folders[:2]], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    rows = {ln.split(" | ")[0][2:]: ln for ln in res.stdout.splitlines() if ln.startswith("| ")}
+    assert rows["metric"] == "| metric | A\\|1 | B | best |"
+    assert rows["accuracy"] == ("| accuracy | 0.800 (0.750\u20130.850) | 0.700 (0.650\u20130.740) | "
+                                "A\\|1 (CI clear of the others) |")
+    assert rows["f1"].endswith("| B (CIs overlap) |")
+    assert rows["roc_auc"].endswith("| A\\|1 |")  # B's interval is undefined: no claim about overlap
+    assert rows["average_precision"] == "| average_precision | 0.750 | n/a |  |"
+    assert "val_loss" not in rows and "epoch" not in rows
+    # all runs unfinished: exit status 1, as for the plain table
+    assert subprocess.run([*tool, "--markdown", folders[-1]], capture_output=True, cwd=ROOT).returncode == 1
 
 
 def test_demo_path_compares_with_published_numbers(tmp_path):

@@ -53,7 +53,7 @@ def test_recipe_defaults():
                      image_col=None, label_cols=None, grade_col=None, split_col=None, val_ratio=0.15,
                      test_ratio=0.15, split_seed=0, image_root=None, left_col=None, right_col=None,
                      patient_col=None, eye_mode='dual', sheet=None, allow_outside_paths=False,
-                     skip_image_check=False, patience=0)
+                     skip_image_check=False, patience=0, calibrate=False, explain=None)
     got = vars(cfg)
     for key, value in {**expected, **additions}.items():
         assert got[key] == value, key

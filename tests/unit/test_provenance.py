@@ -28,3 +28,13 @@ def test_folder_fingerprint_follows_names_and_sizes(tmp_path):
     assert folder_fingerprint(str(tmp_path))[0] == hashlib.sha256(b"a/x.png\t2\nz.png\t2").hexdigest()
     assert "(2 files)" in describe_path(str(tmp_path))
     assert describe_path(str(tmp_path / "gone")).endswith("(not found)")
+
+
+def test_a_file_name_that_is_not_utf8_is_hashed_by_its_bytes(tmp_path):
+    import os
+
+    os.makedirs(tmp_path / "d")
+    with open(os.path.join(os.fsencode(tmp_path / "d"), b"caf\xe9.png"), "wb") as f:
+        f.write(b"1")
+    digest, n = folder_fingerprint(str(tmp_path / "d"))
+    assert n == 1 and digest == hashlib.sha256(b"caf\xe9.png\t1").hexdigest()

@@ -41,7 +41,8 @@ def folder_fingerprint(path: str) -> tuple[str, int]:
                 continue
             lines.append(f"{os.path.relpath(full, path).replace(os.sep, '/')}\t{size}")
     lines.sort()
-    return hashlib.sha256("\n".join(lines).encode("utf8")).hexdigest(), len(lines)
+    # file names that are not UTF-8 come back from the OS as surrogate escapes: hash their original bytes
+    return hashlib.sha256("\n".join(lines).encode("utf8", "surrogateescape")).hexdigest(), len(lines)
 
 
 def describe_path(path: str | None) -> str:

@@ -16,7 +16,10 @@ import os
 from datetime import datetime, timezone
 
 import util.outputs.checkpoint as ckpt  # through the module: tests replace save_checkpoint there
+from util.metrics.bootstrap import DEFAULT_RESAMPLES, task_metric_cis
+from util.metrics.calibration import apply_temperature, calibration_summary
 from util.outputs.plots import save_training_curves_png
+from util.outputs.report_html import write_ci_csv, write_report
 from util.outputs.reports import append_per_class_csv, save_thresholds_json, write_test_report
 from util.outputs.run_log import metric_name
 
@@ -88,8 +91,10 @@ class Recorder:
         run trained none, e.g. ``--eval``) and the epoch whose weights are tested."""
         self.tested = {"epoch": epoch, "checkpoint_epoch": checkpoint_epoch}
 
-    def test(self, stats: dict, y_true, outputs, dataset, num_classes: int) -> None:
-        """metrics_test.csv (one evaluation: never appended), per-class table, predictions, confusion matrices."""
+    def test(self, stats: dict, y_true, outputs, dataset, num_classes: int, *, split_counts=None, config=None,
+             provenance=None, temperature=None, heatmaps=(), classes=None) -> None:
+        """metrics_test.csv (one evaluation: never appended), per-class table, predictions, confusion matrices,
+        metrics_test_ci.csv (95% bootstrap CIs) and report.html."""
         if not self.enabled:
             return
         row = {**stats, "epoch": _epoch_or_nan(self.tested["epoch"]),
@@ -97,3 +102,19 @@ class Recorder:
                "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self.logger.csv_row("metrics_test.csv", list(self.task.columns) + TEST_EXTRA_COLUMNS, row, fresh=True)
         write_test_report(self.run_dir, self.task, stats, y_true, outputs, dataset, num_classes)
+        class_names, thresholds = list(dataset.class_names), stats.get("thresholds")
+        cis = task_metric_cis(self.task, y_true, outputs, num_classes, thresholds=thresholds,
+                              class_names=class_names, classes=classes)
+        write_ci_csv(self.path("metrics_test_ci.csv"), stats, cis)
+        calibration = None
+        if temperature is not None and self.task.name != "regression":  # evaluate() already applied T
+            raw = apply_temperature(outputs, 1.0 / float(temperature), self.task.name)
+            calibration = {"before": calibration_summary(y_true, raw, self.task.name),
+                           "after": calibration_summary(y_true, outputs, self.task.name)}
+        write_report(self.path("report.html"), task_name=self.task.name, class_names=class_names, y_true=y_true,
+                     outputs=outputs, thresholds=thresholds, metrics=stats, cis=cis,
+                     split_counts=split_counts or {"test": dict(zip(class_names, dataset.class_counts().tolist()))},
+                     per_class_rows=stats.get("per_class", []), config=config or {}, provenance=provenance or {},
+                     log_path=self.path("log.txt"), calibration=calibration, temperature=temperature,
+                     heatmaps=heatmaps, curve_metrics=self.task.headline,
+                     best_epoch=self.tested["checkpoint_epoch"], n_resamples=DEFAULT_RESAMPLES)
