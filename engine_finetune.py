@@ -23,7 +23,7 @@ from util.errors import UserError, close_matches
 from util.inference import AmpConfig
 from util.losses import build_loss
 from util.metrics import METRIC_COLUMNS, compute_metrics, per_class_report, selection_value
-from util.metrics.calibration import apply_temperature, apply_temperature_to_thresholds, temperature_applies
+from util.metrics.calibration import calibrate_outputs, temperature_applies
 from util.metrics.multi_label import MULTILABEL_COLUMNS, binarize, compute_multilabel_metrics, tune_thresholds_f1
 from util.metrics.regression import (
     REGRESSION_COLUMNS,
@@ -369,9 +369,7 @@ def evaluate(model, data_loader, task: TaskSpec, num_classes: int, *, loss_fn: C
         ordered[r::len(parts)][: len(p)] = p
     y_true = task.decode_labels(ordered[:, :width])
     outputs = ordered[:, width + 1:]
-    if scale is not None:
-        outputs = apply_temperature(outputs, scale, task.name)
-        thresholds = apply_temperature_to_thresholds(thresholds, scale, task.name)
+    outputs, thresholds = calibrate_outputs(outputs, thresholds, scale, task.name)
     if tune and task.tune is not None and total:
         thresholds = np.asarray(task.tune(y_true, outputs, num_classes), dtype=np.float64)
     subset = {} if classes is None else {"classes": classes}  # single-label data with some of the classes

@@ -91,7 +91,7 @@ def predict(a) -> int:
     from util.datasets.odir import read_image_pairs
     from util.fileio import atomic_path, display_path
     from util.inference import RunIdentity, select_device
-    from util.metrics.calibration import apply_temperature, apply_temperature_to_thresholds
+    from util.metrics.calibration import calibrate_outputs
     from util.outputs.checkpoint import read_toolkit_checkpoint
     from util.progress import Progress
     from util.transforms.assemble import eval_inputs
@@ -153,10 +153,8 @@ def predict(a) -> int:
                 pngs += [display_path(png) for _, png in written]
             progress.update(step, images=len(batch))
     outputs = np.concatenate(outputs)
-    temperature = state.get("temperature")  # fitted on val by --calibrate (probability tasks only)
-    if temperature is not None:  # calibrated probabilities; thresholds moved with them, so decisions stay
-        outputs = apply_temperature(outputs, temperature, task.name)
-        thresholds = apply_temperature_to_thresholds(thresholds, temperature, task.name)
+    # the temperature --calibrate fitted on val: calibrated probabilities, thresholds moved with them
+    outputs, thresholds = calibrate_outputs(outputs, thresholds, state.get("temperature"), task.name)
     preds = task.predict(outputs, num_classes, thresholds)
     with atomic_path(a.output, suffix=".csv") as tmp:
         with open(tmp, "w", newline="", encoding="utf8") as f:

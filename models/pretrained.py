@@ -219,16 +219,15 @@ def load_weights(model: paddle.nn.Layer, identity: dict, *, resume: str = "", fi
                  eval_only: bool = False, weights_dir: str = "./weights", verbose: bool = True) -> dict | None:
     """Apply ``--resume`` / ``--finetune`` to ``model`` (``identity``: the run's ``RunIdentity.meta()``); returns
     the toolkit checkpoint being resumed or evaluated, if any."""
-    from util.outputs.checkpoint import check_eval_classes, check_resume_compatible, read_toolkit_checkpoint
-
+    from util.outputs.checkpoint import check_resume_compatible, read_toolkit_checkpoint
 
     if resume:
         state = read_toolkit_checkpoint(resume)
         if state is not None:
             if not eval_only:
                 check_resume_compatible(state["meta"], identity, resume)
-            else:
-                check_eval_classes(state["meta"], identity["class_names"], identity["data_path"], resume)
+            # --eval: the data's classes were matched to the checkpoint's before the model was built
+            # (util.run_config.eval_classes -> util.outputs.checkpoint.match_eval_classes)
             load_state_dict_strict(model, state["model"], resume)
             if verbose:
                 print(f"Resumed from {resume} (epoch {state['epoch']})", flush=True)

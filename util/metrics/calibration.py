@@ -124,6 +124,16 @@ def apply_temperature_to_thresholds(thresholds, temperature, task_name: str):
     return apply_temperature(t, temperature, task_name)[0]
 
 
+def calibrate_outputs(outputs, thresholds, temperature, task_name: str):
+    """(outputs, thresholds) with ``temperature`` applied to both (``apply_temperature`` and
+    ``apply_temperature_to_thresholds``), so decisions stay the uncalibrated model's; unchanged when the
+    temperature does not apply (``temperature_applies``). What ``evaluate`` and ``predict.py`` both do."""
+    if not temperature_applies(task_name, temperature):
+        return outputs, thresholds
+    return (apply_temperature(outputs, temperature, task_name),
+            apply_temperature_to_thresholds(thresholds, temperature, task_name))
+
+
 def negative_log_likelihood(y_true, outputs, task_name: str) -> float:
     """Mean NLL of the truth under the probabilities (single-label cross-entropy; multi-label binary
     cross-entropy per entry), with the logits recovered as ``apply_temperature`` does; NaN when empty or when

@@ -171,15 +171,6 @@ def check_resume_compatible(saved_meta: dict, meta: dict, path: str) -> None:
                         "(use --finetune to start from its weights)")
 
 
-def check_eval_classes(saved_meta: dict, class_names, data_path: str, path: str) -> None:
-    """--eval on data whose classes are not the checkpoint's would score outputs under the wrong names."""
-    saved = saved_meta.get("class_names")
-    if saved is not None and list(saved) != list(class_names):
-        raise UserError(f"{path}: the checkpoint was trained on classes {list(saved)} but the data at "
-                        f"{data_path} has {list(class_names)} (the metrics would pair outputs with the wrong "
-                        "classes); rename the class folders / label columns to the checkpoint's names, in its order")
-
-
 def match_eval_classes(saved_meta: dict | None, class_names, task_type: str, data_path: str,
                        path: str) -> list[int] | None:
     """External validation on data that holds some of a checkpoint's classes: for each class of the data,

@@ -91,7 +91,7 @@ class Recorder:
         run trained none, e.g. ``--eval``) and the epoch whose weights are tested."""
         self.tested = {"epoch": epoch, "checkpoint_epoch": checkpoint_epoch}
 
-    def test(self, stats: dict, y_true, outputs, dataset, num_classes: int, *, split_counts=None, config=None,
+    def test(self, stats: dict, y_true, outputs, dataset, num_classes: int, *, split_counts: dict, config=None,
              provenance=None, temperature=None, heatmaps=(), classes=None) -> None:
         """metrics_test.csv (one evaluation: never appended), per-class table, predictions, confusion matrices,
         metrics_test_ci.csv (95% bootstrap CIs) and report.html."""
@@ -113,7 +113,7 @@ class Recorder:
                            "after": calibration_summary(y_true, outputs, self.task.name)}
         write_report(self.path("report.html"), task_name=self.task.name, class_names=class_names, y_true=y_true,
                      outputs=outputs, thresholds=thresholds, metrics=stats, cis=cis,
-                     split_counts=split_counts or {"test": dict(zip(class_names, dataset.class_counts().tolist()))},
+                     split_counts=split_counts,
                      per_class_rows=stats.get("per_class", []), config=config or {}, provenance=provenance or {},
                      log_path=self.path("log.txt"), calibration=calibration, temperature=temperature,
                      heatmaps=heatmaps, curve_metrics=self.task.headline,
