@@ -1,0 +1,150 @@
+"""One way to apply a fine-tuned model, whatever it was saved as: ``load_predictor(path)`` takes a checkpoint
+written by ``main_finetune.py`` (run in Paddle's dygraph) or a folder written by ``export.py`` and gives a
+``Predictor`` that reads images, runs the model and turns its outputs into decisions and result rows.
+``predict.py`` and ``serve.py`` both go through it, so an image gets the same row from either, and the same
+probabilities as ``--eval`` on the same checkpoint.
+
+Everything comes from what the model was saved with (``RunIdentity``: model, classes, input size, pooling,
+fundus preprocessing, normalisation; the thresholds tuned on validation; the ``--calibrate`` temperature).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from util.errors import UserError
+
+BACKENDS = ("auto", "dygraph", "paddle", "onnxruntime")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class Predictor:
+    """A model ready to apply. ``run(batch)`` maps a float32 batch [N, 3, H, W] (dual-eye [N, 2, 3, H, W]) of
+    preprocessed inputs to float32 logits [N, outputs]; everything else is shared by every backend."""
+
+    identity: object  # util.inference.RunIdentity
+    thresholds: np.ndarray | None
+    temperature: float | None
+    num_views: int
+    run: Callable[[np.ndarray], np.ndarray]
+    backend: str = "dygraph"
+    precision: str = "fp32"
+    source: str = ""
+    model: object = None  # the dygraph Layer (``--explain`` needs it); None for exported backends
+    _inputs: tuple = field(default=None, repr=False)
+
+    @property
+    def task(self):
+        import engine_finetune as engine
+
+        return engine.get_task(self.identity.task_type)
+
+    @property
+    def class_names(self) -> list:
+        return list(self.identity.class_names)
+
+    def _reader(self):
+        if self._inputs is None:
+            from util.transforms.assemble import eval_inputs
+
+            self._inputs = eval_inputs(self.num_views, self.identity.data_cfg(), self.identity.preprocessing())
+        return self._inputs
+
+    def load(self, item) -> np.ndarray:
+        """The model's input for one item: an image path, or a (left, right) pair of paths for dual-eye
+        models (or already opened PIL images in place of paths), preprocessed as in the run's evaluation."""
+        reader, transform = self._reader()
+        if self.num_views == 2:
+            left, right = item
+            return transform([_read(reader, left), _read(reader, right)])
+        return transform(_read(reader, item))
+
+    def outputs(self, batch: np.ndarray) -> np.ndarray:
+        """The task's outputs (probabilities / continuous grade) as float64 [N, outputs], uncalibrated."""
+        import paddle
+
+        logits = self.run(np.ascontiguousarray(batch, dtype=np.float32))
+        return self.task.activation(paddle.to_tensor(np.asarray(logits, np.float32))).numpy().astype(np.float64)
+
+    def decide(self, outputs: np.ndarray, fixed_thresholds: bool = False):
+        """(calibrated outputs, decisions, thresholds used): the ``--calibrate`` temperature applied and the
+        tuned thresholds moved with it (``fixed_thresholds``: the default cuts instead of the tuned ones)."""
+        from util.metrics.calibration import calibrate_outputs
+
+        thresholds = None if fixed_thresholds else self.thresholds
+        outputs, thresholds = calibrate_outputs(outputs, thresholds, self.temperature, self.task.name)
+        return outputs, self.task.predict(outputs, self.identity.num_classes, thresholds), thresholds
+
+    def columns(self) -> list:
+        """The result columns after the file name(s): the decision, then the outputs."""
+        return self.task.result_columns(self.class_names)
+
+    def row(self, decision, outputs_i) -> list:
+        return self.task.result_row(self.class_names, decision, outputs_i)
+
+
+def _read(reader, item):
+    if isinstance(item, (str, os.PathLike)):
+        return reader(os.fspath(item))
+    from util.image_io import to_rgb
+
+    return to_rgb(item)
+
+
+def load_predictor(path: str, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
+                   device: str = "cpu") -> Predictor:
+    """A ``Predictor`` for ``path``: a checkpoint (``.pdparams``) or a folder written by ``export.py``.
+    ``backend``: ``dygraph`` (checkpoints), ``paddle`` (Paddle Inference) or ``onnxruntime`` (exported
+    folders); ``auto`` picks dygraph for a checkpoint and Paddle Inference for a folder."""
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if os.path.isdir(path):
+        return _load_exported(path, backend, precision, threads)
+    if backend not in ("auto", "dygraph"):
+        raise UserError(f"--backend {backend}: runs an exported model; export the checkpoint first "
+                        f"(python export.py --resume {path} --output DIR) and pass --resume DIR")
+    if precision != "fp32":
+        raise UserError(f"--precision {precision}: runs an exported model through Paddle Inference; export the "
+                        f"checkpoint first (python export.py --resume {path} --output DIR) and pass --resume DIR")
+    return _load_checkpoint(path, device)
+
+
+def _load_checkpoint(path: str, device: str) -> Predictor:
+    import paddle
+
+    import engine_finetune as engine
+    from models import create_model
+    from models.pretrained import load_state_dict_strict
+    from util.inference import RunIdentity, select_device
+    from util.outputs.checkpoint import read_toolkit_checkpoint
+
+    state = read_toolkit_checkpoint(path)
+    if state is None or "inference" not in state["meta"]:
+        raise UserError(f"--resume {path}: not a checkpoint written by this toolkit's training (it has no "
+                        "model description); pass <run folder>/checkpoint-best.pdparams")
+    identity = RunIdentity.from_meta(state["meta"])
+    select_device(device)
+    task = engine.get_task(identity.task_type)
+    model = create_model(identity.model, num_classes=task.num_outputs(identity.num_classes),
+                         global_pool=identity.global_pool, input_size=identity.input_size)
+    load_state_dict_strict(model, state["model"], path)
+    model.eval()
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with paddle.no_grad():
+            return model(paddle.to_tensor(batch)).astype("float32").numpy()
+
+    thresholds = state.get("thresholds")
+    return Predictor(identity=identity, thresholds=None if thresholds is None else np.asarray(thresholds),
+                     temperature=state.get("temperature"), num_views=model.num_views, run=run,
+                     backend="dygraph", source=path, model=model)
+
+
+def _load_exported(path: str, backend: str, precision: str, threads: int | None) -> Predictor:
+    raise UserError(f"--resume {path}: a folder; exported models are not supported yet")
