@@ -86,6 +86,24 @@ class Predictor:
     def row(self, decision, outputs_i) -> list:
         return self.task.result_row(self.class_names, decision, outputs_i)
 
+    def confidence(self, outputs_i) -> str:
+        """The top-class probability (single-label), the most probable label's (multi-label); empty for
+        regression, whose output is a grade, not a probability."""
+        if self.task.name == "regression":
+            return ""
+        return f"{float(np.max(outputs_i)):.6f}"
+
+    def results(self, outputs: np.ndarray, fixed_thresholds: bool = False) -> list[dict]:
+        """One result row per input as a dict: ``prediction``, ``confidence``, then the outputs (the columns
+        of ``columns()`` with ``confidence`` after the decision); what predict.py writes and serve.py returns."""
+        outputs, decisions, _ = self.decide(outputs, fixed_thresholds)
+        names = self.columns()
+        rows = []
+        for decision, out in zip(decisions, outputs):
+            cells = dict(zip(names, self.row(decision, out)))
+            rows.append({"prediction": cells.pop("prediction"), "confidence": self.confidence(out), **cells})
+        return rows
+
 
 def _read(reader, item):
     if isinstance(item, (str, os.PathLike)):
