@@ -196,8 +196,8 @@ def test_predict_on_a_paired_table_for_a_dual_eye_model(tmp_path):
     assert predict.main(["--resume", str(tmp_path / "out" / "dual" / "checkpoint-best.pdparams"), "--input", table,
                          "--output", str(out)]) == 0
     rows = list(csv.DictReader(open(out, newline="")))
-    assert len(rows) == 20 and rows[0]["file"] == "p000_v0_L.png|p000_v0_R.png"
-    assert set(rows[0]) == {"file", "prediction", "prob_cataract", "prob_glaucoma", "prob_dr"}
+    assert len(rows) == 20 and rows[0]["file"] == "img/p000_v0_L.png|img/p000_v0_R.png"
+    assert set(rows[0]) == {"file", "prediction", "confidence", "prob_cataract", "prob_glaucoma", "prob_dr", "error"}
     bad = tmp_path / "pairs" / "bad.csv"
     bad.write_text("left,right\nimg/p000_v0_L.png,\n")
     assert predict.main(["--resume", str(tmp_path / "out" / "dual" / "checkpoint-best.pdparams"), "--input",

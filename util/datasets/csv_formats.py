@@ -136,6 +136,19 @@ class TableDataset(RetinaDataset):
     def detect(cls, data_path: str, options: DataOptions | None = None) -> bool:
         return table_kind(data_path, options) == cls.format_name
 
+    @classmethod
+    def read_rows(cls, data_path: str, source: TableSource, options: DataOptions,
+                  num_classes: int | None = None) -> TableDataset:
+        """Every row of the table parsed and validated as the format reads it (``_row_paths``,
+        ``_row_targets``, ``class_names``, ``task_type``, ...), with no splits and no image checks: a whole
+        labelled table scored at once (``predict.py``)."""
+        ds = cls.__new__(cls)
+        RetinaDataset.__init__(ds, "test", data_path, None)
+        ds.options = options
+        ds._groups = None
+        ds._parse(source, options, num_classes)
+        return ds
+
     def __init__(self, split: str, data_path: str, transform: Callable | None, num_classes: int | None = None,
                  options: DataOptions | None = None):
         super().__init__(split, data_path, transform)

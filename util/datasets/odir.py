@@ -27,7 +27,6 @@ Intelligent Recognition, 2019); keyword classes follow its N/D/G/C/A/H/M/O label
 """
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
@@ -35,19 +34,16 @@ import pandas as pd
 
 from util.datasets.base import DataOptions, register_dataset_format, resolve_task
 from util.datasets.csv_formats import TableDataset, _patient_groups
-from util.datasets.image_paths import ImageResolver, clean_path, is_inside
 from util.datasets.tables import (
     LEFT_RIGHT_SUFFIXES,
     TableSource,
     find_patient_col,
     find_split_col,
     is_numeric_like,
-    is_table_file,
     missing_column_error,
     norm,
     numeric_columns,
     paired_columns,
-    read_table,
     require_column,
 )
 from util.errors import UserError
@@ -247,49 +243,3 @@ class PairedEyeDataset(TableDataset):
                               f"left out")
         self.eyes = ['left' if self._row_paths[r][0] == p[0] else 'right' for p, r in zip(listed, rows)]
         return listed, np.asarray(targets, dtype=np.float32).reshape(-1, len(self.class_names)), rows
-
-
-def read_image_pairs(path: str, image_root: str | None = None,
-                     allow_outside_paths: bool = False) -> list[tuple[str, str]]:
-    """The (left, right) image files of a paired table without labels, e.g. ``predict.py``'s input for a
-    dual-eye model: the same left/right column detection (``left``/``right``, ``Left-Fundus``/``Right-Fundus``,
-    ``left_image``, ...) and path resolution (``image_root``, else the table's folder or the image folder
-    beside it) as the ``odir`` format, and the same refusal of paths leaving that folder."""
-    if not (os.path.isfile(path) and is_table_file(path)):
-        raise UserError(f"{path}: a dual-eye model needs a table (.csv/.xlsx) with a left and a right image "
-                        "column (one row per patient); pass such a table")
-    df = read_table(path)
-    left, right = paired_columns(df)
-    if left is None:
-        raise UserError(f"{path}: no left/right image columns (found {list(df.columns)}; expected e.g. 'left' and "
-                        "'right', 'left_image' and 'right_image', or ODIR's 'Left-Fundus' and 'Right-Fundus'); "
-                        "rename the columns")
-    cells = [(str(a).strip() if isinstance(a, str) else '', str(b).strip() if isinstance(b, str) else '')
-             for a, b in zip(df[left], df[right])]
-    empty = [i + 2 for i, (a, b) in enumerate(cells) if not a or not b]
-    if empty:
-        raise UserError(f"{path}: row(s) {empty[:10]} lack the left or the right image (both eyes expected; header "
-                        "= row 1); fill the cells or drop the rows")
-    table_dir = os.path.dirname(os.path.abspath(path))
-    resolver = ImageResolver(path, [p for pair in cells for p in pair], image_root, table_dir,
-                             PairedEyeDataset.image_subfolders)
-    base = image_root or table_dir
-    pairs, missing, outside = [], [], []
-    for i, pair in enumerate(cells):
-        files = []
-        for listed in pair:
-            found = resolver.resolve(listed)
-            target = found or resolver.target(listed)
-            if not allow_outside_paths and not is_inside(target, base):
-                outside.append(f"row {i + 2}: {clean_path(listed)}")
-            elif found is None:
-                missing.append(f"row {i + 2}: {clean_path(listed)}")
-            files.append(found)
-        pairs.append(tuple(files))
-    if outside:
-        raise UserError(f"{path}: {len(outside)} image paths lead outside {base} ({'; '.join(outside[:5])}); fix "
-                        "them, or keep the images in (or below) the table's folder")
-    if missing:
-        raise UserError(f"{path}: {len(missing)} listed images not found under {resolver.root} "
-                        f"({'; '.join(missing[:5])}); fix the paths or add the files")
-    return pairs
