@@ -152,10 +152,10 @@ def test_symlink_loops_do_not_multiply_the_folder_dataset(tmp_path):
 
 
 def test_symlink_loops_do_not_multiply_predict_inputs(tmp_path):
-    import predict
+    from util.predict_inputs import find_images
 
     root = linked_tree(tmp_path)
-    found = predict.find_images(os.path.join(root, 'train'))
+    found = find_images(os.path.join(root, 'train'))
     assert len(found) == 3 * 4 + 3  # each real folder once: the classes, the linked external folder
     assert len(set(map(os.path.realpath, found))) == len(found)
     assert any('/c/linked/' in f for f in found)
