@@ -110,7 +110,8 @@ def _read(reader, item):
         return reader(os.fspath(item))
     from util.image_io import to_rgb
 
-    return to_rgb(item)
+    process = getattr(reader, "process", None)  # FundusReader: the run's fundus preprocessing (no cache)
+    return process(item) if process is not None else to_rgb(item)
 
 
 def load_predictor(path: str, backend: str = "auto", precision: str = "fp32", threads: int | None = None,
