@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from util.errors import UserError
+from util.exported import EXPORT_LAYOUT, EXPORT_LAYOUT_VERSION, EXPORT_METADATA, paddle_runner
 
 BACKENDS = ("auto", "dygraph", "paddle", "onnxruntime")
 PRECISIONS = ("fp32", "bf16")
@@ -166,4 +167,53 @@ def _load_checkpoint(path: str, device: str) -> Predictor:
 
 
 def _load_exported(path: str, backend: str, precision: str, threads: int | None) -> Predictor:
-    raise UserError(f"--resume {path}: a folder; exported models are not supported yet")
+    """A folder written by ``export.py``: its ``model.json`` says what the model is, ``inference.json`` +
+    ``inference.pdiparams`` (Paddle Inference) or ``model.onnx`` (ONNX Runtime) run it."""
+    import json
+
+    from util.inference import RunIdentity
+
+    export_hint = "export the checkpoint with python export.py --resume CHECKPOINT --output DIR and pass --resume DIR"
+    meta_path = os.path.join(path, EXPORT_METADATA)
+    if not os.path.isfile(meta_path):
+        found = sorted(os.listdir(path))[:5]
+        raise UserError(f"--resume {path}: a folder without model.json, so not a model exported by export.py "
+                        f"(it holds {found or 'nothing'}); pass a checkpoint (.pdparams) or {export_hint}")
+    try:
+        with open(meta_path, encoding="utf8") as f:
+            info = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{meta_path}: could not be read ({type(exc).__name__}: {exc}); {export_hint} again") from exc
+    if not isinstance(info, dict) or info.get("layout") != EXPORT_LAYOUT or "meta" not in info:
+        raise UserError(f"{meta_path}: not the model.json export.py writes (expected layout {EXPORT_LAYOUT!r}, "
+                        f"found {info.get('layout') if isinstance(info, dict) else type(info).__name__!r}); "
+                        f"{export_hint}")
+    if int(info.get("layout_version", 0)) > EXPORT_LAYOUT_VERSION:
+        raise UserError(f"{meta_path}: written by a newer toolkit (export layout version {info['layout_version']}, "
+                        f"this one reads up to {EXPORT_LAYOUT_VERSION}); update the toolkit or export again with it")
+    try:
+        identity = RunIdentity.from_meta(info["meta"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{meta_path}: its model description is incomplete ({type(exc).__name__}: {exc}); "
+                        f"{export_hint} again") from exc
+    if backend == "dygraph":
+        raise UserError(f"--backend dygraph: runs a checkpoint, and {path} is an exported model; pass the "
+                        f"checkpoint it was exported from ({info.get('source_checkpoint', {}).get('file', '?')}) "
+                        "or --backend paddle / onnxruntime")
+    if backend == "onnxruntime":
+        if precision != "fp32":
+            raise UserError(f"--precision {precision}: runs through Paddle Inference (oneDNN); pass --backend paddle "
+                            "or --precision fp32")
+        if not info.get("onnx") or not os.path.isfile(os.path.join(path, info["onnx"])):
+            raise UserError(f"--backend onnxruntime: {path} has no ONNX model; export with --onnx (python export.py "
+                            f"--resume CHECKPOINT --output {path} --onnx --overwrite) or pass --backend paddle")
+        from util.onnx_backend import onnx_runner
+
+        run, backend = onnx_runner(path, threads), "onnxruntime"
+    else:
+        prefix = os.path.join(path, os.path.splitext(info.get("program", "inference.json"))[0])
+        run, backend = paddle_runner(prefix, precision=precision, threads=threads), "paddle"
+    thresholds, temperature = info.get("thresholds"), info.get("temperature")
+    return Predictor(identity=identity, thresholds=None if thresholds is None else np.asarray(thresholds),
+                     temperature=temperature, num_views=int(info.get("num_views", 1)), run=run, backend=backend,
+                     precision=precision, source=path, model=None)

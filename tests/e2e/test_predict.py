@@ -432,3 +432,38 @@ def test_metrics_and_probabilities_equal_those_of_eval(tmp_path, kind):
             scored = {c[len("pred_tuned_"):] for c in p if c.startswith("pred_tuned_")}
             # (with a subset of the labels, the model's other labels are predicted too)
             assert {c for c in r["prediction"].split(";") if c in scored} == set(tuned)
+
+
+def test_an_exported_model_gives_the_checkpoints_rows_on_every_backend(ckpts, folder, tmp_path, capsys):
+    """``--resume DIR`` (a folder written by export.py) through Paddle Inference and ONNX Runtime writes the rows
+    the checkpoint writes: same files, same decisions, probabilities within 1e-5; bf16 (where the CPU has it)
+    within a few hundredths, and a CPU without bf16 gets an error saying so."""
+    import export
+    from util.exported import bf16_support
+    from util.onnx_backend import onnx_unavailable
+
+    out_dir = tmp_path / "exported"
+    export.export_checkpoint(ckpts["single"], str(out_dir), onnx=onnx_unavailable() is None, say=lambda line: None)
+    assert run("--resume", ckpts["single"], "--input", folder, "--output", tmp_path / "ckpt.csv") == 0
+    want = rows_of(tmp_path / "ckpt.csv")
+    names = ("a", "b", "c")
+    backends = [("paddle", "fp32", 1e-5)] + ([("onnxruntime", "fp32", 1e-5)] if onnx_unavailable() is None else [])
+    if bf16_support() is None:
+        backends.append(("paddle", "bf16", 0.05))
+    for backend, precision, tol in backends:
+        out = tmp_path / f"{backend}_{precision}.csv"
+        assert run("--resume", out_dir, "--backend", backend, "--precision", precision, "--input", folder,
+                   "--output", out) == 0, capsys.readouterr().err
+        got = rows_of(out)
+        assert [r["file"] for r in got] == [r["file"] for r in want]
+        diff = np.abs(probs_of(got, names) - probs_of(want, names)).max()
+        assert diff <= tol, (backend, precision, diff)
+        if precision == "fp32":
+            assert [r["prediction"] for r in got] == [r["prediction"] for r in want]
+    if bf16_support() is not None:
+        assert run("--resume", out_dir, "--precision", "bf16", "--input", folder, "--output",
+                   tmp_path / "bf16.csv") == 2
+        assert "bf16" in capsys.readouterr().err
+    # the checkpoint itself runs in dygraph only; an export runs without the model code
+    assert run("--resume", out_dir, "--backend", "dygraph", "--input", folder, "--output", tmp_path / "x.csv") == 2
+    assert "dygraph" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import os
 from helpers import ROOT
 
 PACKAGES = ("util", "models")
-SCRIPTS = ("main_finetune.py", "engine_finetune.py", "predict.py")
+SCRIPTS = ("main_finetune.py", "engine_finetune.py", "predict.py", "export.py", "serve.py")
 
 
 def _modules() -> dict[str, str]:
