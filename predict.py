@@ -187,7 +187,7 @@ def score(predictor, items: list[Item], outputs: np.ndarray, read: list[int], la
 # ----------------------------------------------------------------------------- the command
 
 def main(argv: list[str] | None = None) -> int:
-    from util.deploy import BACKENDS, PRECISIONS
+    from util.deploy import add_backend_flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resume", required=True,
@@ -203,12 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="stop at the first input that cannot be read (exit status 2) instead of writing it as a "
                         "row with the reason in the error column")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="auto: dygraph for a checkpoint, Paddle Inference for an exported folder")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="exported models: bf16 on CPUs with it")
-    p.add_argument("--threads", default=None, type=int,
-                   help=f"CPU math threads (default {MATH_THREADS}: OMP_NUM_THREADS, else this process's cores, "
-                        "at most 8)")
+    add_backend_flags(p, MATH_THREADS)
     t = p.add_argument_group("tables", "how a table given as --input is read (as the dataset formats' flags)")
     t.add_argument("--image_col", default=None, help="the column of image paths (default: found by name)")
     t.add_argument("--left_col", default=None, help="paired tables: the left eye's image column")

@@ -378,19 +378,14 @@ def bind(host: str, port: int) -> Server:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from util.deploy import BACKENDS, PRECISIONS
+    from util.deploy import add_backend_flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", "--resume", dest="model", required=True,  # --resume: predict.py's name for it
                    help="checkpoint-best.pdparams written by main_finetune.py, or a folder written by export.py")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", default=8080, type=int, help="TCP port (0: a free port, printed when ready)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="auto: dygraph for a checkpoint, Paddle Inference for an exported folder")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="bf16: exported models only")
-    p.add_argument("--threads", default=None, type=int,
-                   help=f"math threads for the model (default: OMP_NUM_THREADS or this machine's cores, "
-                        f"here {MATH_THREADS})")
+    add_backend_flags(p, MATH_THREADS)
     p.add_argument("--max_body_mb", default=MAX_BODY_MB, type=float,
                    help="largest request body accepted, in MB (larger: 413)")
     a = p.parse_args(argv)

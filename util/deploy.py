@@ -22,6 +22,18 @@ BACKENDS = ("auto", "dygraph", "paddle", "onnxruntime")
 PRECISIONS = ("fp32", "bf16")
 
 
+def add_backend_flags(parser, threads: int) -> None:
+    """``--backend``, ``--precision`` and ``--threads``, as predict.py and serve.py take them (``threads``: the
+    default the help names)."""
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="auto: dygraph for a checkpoint, Paddle Inference for an exported folder")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="exported models: bf16 on CPUs with it in hardware (avx512_bf16 / amx_bf16)")
+    parser.add_argument("--threads", default=None, type=int,
+                        help=f"CPU math threads (default {threads}: OMP_NUM_THREADS, else this process's cores, "
+                             "at most 8)")
+
+
 @dataclass
 class Predictor:
     """A model ready to apply. ``run(batch)`` maps a float32 batch [N, 3, H, W] (dual-eye [N, 2, 3, H, W]) of
