@@ -333,3 +333,27 @@ def test_sigterm_stops_the_server_cleanly(setup):
     for line in ("GET /health 200", "POST /predict 400", "POST /predict 413", "GET /nothing-here 404",
                  "GET /predict 405", "POST /predict 415"):
         assert any(entry.startswith(line + " ") for entry in log), line
+
+
+def test_an_exported_model_serves_the_checkpoints_answers(setup, tmp_path):
+    """``--model DIR`` (an export.py folder) runs through Paddle Inference and answers as the checkpoint does:
+    the same decision and probabilities within 1e-5, for a model with the fundus crop."""
+    import export
+
+    out = tmp_path / "exported"
+    export.export_checkpoint(setup["ckpt"]["single"], str(out), say=lambda line: None)
+    server = Served(out, tmp_path / "exported.log")
+    try:
+        server.wait_ready()
+        status, body, _ = request(server.url + "/health")
+        assert status == 200 and body["backend"] == "paddle" and body["model"] == "resnet_test"
+        for name in ("a.png", "fundus.png"):
+            path = setup["images"] / name
+            status, answer, _ = post_image(server.url, path.read_bytes())
+            assert status == 200, answer
+            row, outputs = in_process(setup["predictors"]["single"], str(path))
+            assert answer["prediction"] == row["prediction"]
+            probs = np.array([float(answer[f"prob_{c}"]) for c in ("x", "y", "z")])
+            np.testing.assert_allclose(probs, outputs, atol=1e-5, rtol=0)
+    finally:
+        server.stop()
