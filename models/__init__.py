@@ -9,7 +9,7 @@ from models import (  # noqa: E402
                              dual,  # noqa: F401,E402  (dual_convnext_small, dual_resnet50, dual_retfound, *_test)
                              efficientnet,  # noqa: F401,E402  (efficientnet_b0..b4, efficientnet_v2_m, *_test)
                              resnet,  # noqa: F401,E402  (resnet18, resnet50, resnet_test, resnet50_test)
-                             vit,  # noqa: F401,E402  (retfound_mae, vit_base_patch16, vit_small_patch16, vit_test)
+                             vit,  # noqa: F401,E402  (retfound_mae, vit_*, retfound_dinov2, dinov2_*, retfound_green*, visionfm*)
 )
 from models.registry import (  # noqa: F401
                              MODEL_ALIASES,

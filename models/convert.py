@@ -3,12 +3,21 @@
 Parameter names stay those of the PyTorch reference (timm / MAE), so the torch -> Paddle mapping is one
 rule: ``torch.nn.Linear`` stores its weight as ``[out, in]`` and ``paddle.nn.Linear`` as ``[in, out]``, so
 the 2-D ``*.weight`` arrays of Linear layers are transposed; everything else (conv kernels, norms,
-biases, ``pos_embed``, ``cls_token``, ``mask_token``) is copied unchanged.
+biases, ``pos_embed``, ``cls_token``, ``mask_token``, LayerScale ``gamma``) is copied unchanged.
+
+Self-supervised teachers (DINOv2, as the RETFound_dinov2 checkpoints keep them; iBOT, as VisionFM's do) are
+unwrapped first: the ``teacher`` entry is taken, a DDP ``module.`` prefix removed, the ``backbone.`` part kept
+without its prefix and the projection heads next to it (``dino_head.*``, ``ibot_head.*``, iBOT's ``head.*``)
+dropped; DINOv2's chunked blocks (``blocks.<chunk>.<i>.``) become ``blocks.<i>.``. Every checkpoint gets the
+renames RETFound applies to all of them, ``mlp.w12.`` -> ``mlp.fc1.`` and ``mlp.w3.`` -> ``mlp.fc2.``.
 
     python -m models.convert RETFound_mae_natureCFP.pth retfound_mae_natureCFP.pdparams [--keep-decoder]
+    python -m models.convert RETFound_dinov2_meh.pth RETFound_dinov2_meh.pdparams
 
 References: MAE / RETFound checkpoints (``ckpt['model']`` holds encoder and decoder, next to
-``optimizer``, ``epoch``, ``scaler``, ``args``); timm ``VisionTransformer`` parameter names;
+``optimizer``, ``epoch``, ``scaler``, ``args``); rmaphoh/RETFound ``main_finetune.py`` (``checkpoint['teacher']``,
+the ``backbone.`` / ``w12`` / ``w3`` key renames); facebookresearch/dinov2 (teacher checkpoints, ``BlockChunk``);
+ABILab-CUHK/VisionFM ``utils.load_pretrained_weights``; timm ``VisionTransformer`` parameter names;
 ``torch.nn.Linear`` vs ``paddle.nn.Linear`` weight layouts.
 """
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import re
 import sys
 import types
 from typing import Any, Callable
@@ -33,9 +43,15 @@ from util.errors import UserError
 from util.fileio import atomic_path
 
 # Where a state dict sits inside a training checkpoint, in order of precedence: the raw weights
-# ('model', as MAE/RETFound and timm's train script save them) win over an EMA copy.
-STATE_DICT_KEYS = ('model', 'state_dict', 'model_ema', 'state_dict_ema')
+# ('model', as MAE/RETFound and timm's train script save them) win over an EMA copy; a self-supervised
+# checkpoint's 'teacher' (DINOv2, iBOT) comes last (its 'student' is never read).
+STATE_DICT_KEYS = ('model', 'state_dict', 'model_ema', 'state_dict_ema', 'teacher')
+TEACHER_KEY = 'teacher'
 DDP_PREFIX = 'module.'
+BACKBONE_PREFIX = 'backbone.'
+# RETFound's main_finetune renames these in every checkpoint (DINOv2's SwiGLU names -> timm's Mlp names)
+MLP_RENAMES = (('mlp.w12.', 'mlp.fc1.'), ('mlp.w3.', 'mlp.fc2.'))
+_CHUNKED_BLOCK = re.compile(r'^blocks\.\d+\.(\d+)\.')
 
 
 def _is_paddle_meta_key(name: str) -> bool:
@@ -98,6 +114,54 @@ def find_state_dict(obj: Any) -> tuple[dict[str, np.ndarray], str | None, str]:
         prefix = DDP_PREFIX
         sd = {k[len(DDP_PREFIX):]: v for k, v in sd.items()}
     return sd, where, prefix
+
+
+def unwrap_teacher(sd: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str], str]:
+    """The encoder of a self-supervised teacher state dict: ``(backbone_sd, dropped_names, stripped_prefix)``.
+
+    The ``backbone.`` entries are kept without the prefix (an optional DDP ``module.`` in front was removed by
+    ``find_state_dict``, or is removed here when only some names carry it); everything else is the projection
+    heads of DINO/iBOT and is dropped. DINOv2's chunked blocks (``blocks.<chunk>.<i>.``, where ``i`` counts from
+    the first block, the earlier places of a chunk being empty) become ``blocks.<i>.``. A teacher without
+    ``backbone.`` names is returned as it is.
+    """
+    names = {k[len(DDP_PREFIX):] if k.startswith(DDP_PREFIX) else k: k for k in sd}
+    if not any(k.startswith(BACKBONE_PREFIX) for k in names):
+        return dict(sd), [], ''
+    out: dict[str, np.ndarray] = {}
+    dropped = []
+    for name, original in names.items():
+        if name.startswith(BACKBONE_PREFIX):
+            new = _CHUNKED_BLOCK.sub(r'blocks.\1.', name[len(BACKBONE_PREFIX):])
+            if new in out:
+                raise UserError(f'checkpoint: teacher entry {original!r} and another both become {new!r} (expected '
+                                f'one backbone entry per name); the checkpoint is not a single DINOv2/iBOT teacher')
+            out[new] = sd[original]
+        else:
+            dropped.append(original)
+    return out, dropped, BACKBONE_PREFIX
+
+
+def rename_mlp_keys(sd: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """RETFound's ``mlp.w12.`` -> ``mlp.fc1.``, ``mlp.w3.`` -> ``mlp.fc2.``: ``(renamed_sd, old_names_renamed)``.
+
+    A SwiGLU MLP renamed so keeps its own shapes: the model's shape check then says it does not fit (timm's
+    Mlp has no gate), instead of loading a wrong layer.
+    """
+    out: dict[str, np.ndarray] = {}
+    renamed = []
+    for k, v in sd.items():
+        new = k
+        for old, repl in MLP_RENAMES:
+            new = new.replace(old, repl)
+        if new != k:
+            renamed.append(k)
+        if new in out:
+            raise UserError(f'checkpoint: {k!r} and another entry both become {new!r} after the renames '
+                            f'mlp.w12. -> mlp.fc1., mlp.w3. -> mlp.fc2. (expected one of them); the checkpoint mixes '
+                            f'two MLP layouts, re-save it with one')
+        out[new] = v
+    return out, renamed
 
 
 def is_linear_weight(name: str, array: np.ndarray) -> bool:
@@ -177,16 +241,24 @@ def to_paddle_state_dict(obj: Any, source_format: str, copy: bool = True) -> tup
 
     Returns:
         ``(paddle_sd, report)``; report keys: ``source_format``, ``source_key`` (the wrapper entry used,
-        e.g. ``'model'``, or None), ``stripped_prefix``, ``kept``, ``transposed``, ``unchanged`` (name lists).
+        e.g. ``'model'`` or ``'teacher'``, or None), ``stripped_prefix``, ``kept``, ``transposed``,
+        ``unchanged``, ``renamed`` (the original names of the renamed MLP entries) and ``dropped_heads`` (the
+        self-supervised projection heads left out of a teacher), all name lists.
     """
     if source_format not in ('torch', 'paddle'):
         raise UserError(f'source_format {source_format!r} is not supported (expected torch or paddle)')
     sd, where, prefix = find_state_dict(obj)
+    dropped_heads: list[str] = []
+    if where == TEACHER_KEY:
+        sd, dropped_heads, stripped = unwrap_teacher(sd)
+        prefix += stripped
+    sd, renamed = rename_mlp_keys(sd)
     if source_format == 'torch':
         out, report = torch_to_paddle(sd, copy=copy)
     else:
         out, report = dict(sd), {'kept': list(sd), 'transposed': [], 'unchanged': list(sd)}
-    report.update(source_format=source_format, source_key=where, stripped_prefix=prefix)
+    report.update(source_format=source_format, source_key=where, stripped_prefix=prefix, renamed=renamed,
+                  dropped_heads=dropped_heads)
     return out, report
 
 
@@ -287,10 +359,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f'kept {len(report["kept"])} arrays ({report["num_parameters"] / 1e6:.2f}M parameters)')
     print(f'transposed {len(report["transposed"])} Linear weights: {_names(report["transposed"])}')
     print(f'unchanged {len(report["unchanged"])}: {_names(report["unchanged"])}')
+    if report['renamed']:
+        print(f'renamed {len(report["renamed"])} MLP keys (mlp.w12. -> mlp.fc1., mlp.w3. -> mlp.fc2.): '
+              f'{_names(report["renamed"])}')
+    if report['dropped_heads']:
+        print(f'dropped {len(report["dropped_heads"])} self-supervised head keys (outside the teacher\'s '
+              f'backbone): {_names(report["dropped_heads"])}')
     if report['dropped']:
-        print(f'dropped {len(report["dropped"])} MAE decoder keys (--keep-decoder keeps them): '
-              f'{_names(report["dropped"])}')
-    else:
+        n = len(report['dropped'])
+        what = 'MAE decoder keys' if any(k.startswith('decoder_') for k in report['dropped']) else \
+            'mask token' + ('s' if n > 1 else '')
+        print(f'dropped {n} {what} (--keep-decoder keeps them): {_names(report["dropped"])}')
+    elif not report['dropped_heads']:
         print('dropped 0 keys')
     print(f'wrote {args.dst} ({os.path.getsize(args.dst) / 2**20:.1f} MiB)')
     return 0

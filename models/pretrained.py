@@ -1,8 +1,9 @@
 """Load pretrained (MAE / RETFound) or fine-tuned weights into a registered model, with a strict key check.
 
 ``load_pretrained`` is ``--finetune``: the checkpoint is read (``models.checkpoint_io``), converted to the
-Paddle layout (``models.convert``), adapted by the model's own ``prepare_pretrained`` (MAE decoder and
-mask token dropped, mismatched head dropped, ``pos_embed`` resized to the input size), then checked: the
+Paddle layout (``models.convert``: a DINOv2 / iBOT ``teacher`` unwrapped to its backbone, RETFound's MLP
+renames), adapted by the model's own ``prepare_pretrained`` (MAE decoder and mask tokens dropped, mismatched
+head dropped, ``pos_embed`` resized to the input size), then checked: the
 keys missing from it must be exactly the ones the model allows (global pool + MAE checkpoint: ``head.*`` and
 ``fc_norm.*``), nothing may be left over and every shape must match; anything else is a ``UserError``
 listing the keys and shapes (Paddle's ``set_state_dict`` has no strict mode and would skip them silently).
@@ -64,6 +65,28 @@ def _fmt_keys(keys: list[str], shapes: dict[str, tuple] | None = None, limit: in
     return "[" + ", ".join(shown) + more + "]"
 
 
+def _pool_flag(model: paddle.nn.Layer) -> bool | None:
+    """The model's ``global_pool`` when --global_pool chooses it, else None (no advice about that flag)."""
+    return getattr(model, "global_pool", None) if getattr(model, "pool_from_flag", True) else None
+
+
+def _family_hint(own: dict[str, tuple], unexpected: list[str], bad_missing: list[str]) -> str:
+    """Advice when the checkpoint is of another ViT family than the model (LayerScale, register tokens)."""
+    def has_ls(keys) -> bool:
+        return any(re.search(r"\.ls[12]\.gamma$", k) for k in keys)
+
+    if "reg_token" in unexpected or "register_tokens" in unexpected:
+        return ("the checkpoint has register tokens (RETFound-Green / DINOv2 with registers): use --model "
+                "retfound_green")
+    if has_ls(unexpected):
+        return ("the checkpoint has LayerScale (blocks.N.ls1.gamma: the DINOv2 family): use --model "
+                "retfound_dinov2, dinov2_vits14, dinov2_vitb14, dinov2_vitl14 or retfound_green")
+    if has_ls(bad_missing):
+        return ("the model has LayerScale (DINOv2 family) but the checkpoint has none: use the model the "
+                "checkpoint was trained as (retfound_mae for RETFound MAE weights, visionfm for VisionFM's)")
+    return ""
+
+
 def _check_keys(where: str, own: dict[str, tuple], sd: dict[str, np.ndarray], allowed_missing: set[str],
                 global_pool: bool | None) -> list[str]:
     """Raise ``UserError`` unless ``sd`` fits ``own`` up to ``allowed_missing``; return the missing keys."""
@@ -81,7 +104,8 @@ def _check_keys(where: str, own: dict[str, tuple], sd: dict[str, np.ndarray], al
     if mismatched:
         shown = [f"{k}: checkpoint {list(sd[k].shape)} vs model {list(own[k])}" for k in mismatched[:12]]
         parts.append("shape mismatch [" + "; ".join(shown) + (", ..." if len(mismatched) > 12 else "") + "]")
-    hint = "use a checkpoint of the same architecture (--model) and the matching --input_size / --nb_classes"
+    hint = (_family_hint(own, unexpected, bad_missing)
+            or "use a checkpoint of the same architecture (--model) and the matching --input_size / --nb_classes")
     if global_pool is False and any(k.startswith("fc_norm.") for k in unexpected):
         hint = "the checkpoint was trained with global pooling: pass --global_pool"
     elif global_pool is True and any(k.startswith("fc_norm.") for k in bad_missing):
@@ -134,7 +158,8 @@ def load_pretrained(model: paddle.nn.Layer, source: str, weights_dir: str = "./w
     # a key counts as used when it survives, or its array does under a new name (CNN/dual models add a prefix)
     used_arrays = {id(v) for v in new_sd.values()}
     dropped = sorted(k for k, v in sd.items() if k not in new_sd and id(v) not in used_arrays)
-    missing = _check_keys(path, own, new_sd, set(allowed_missing), getattr(model, "global_pool", None))
+    dropped += sorted(convert_report.get("dropped_heads", []))   # a teacher's DINO / iBOT heads
+    missing = _check_keys(path, own, new_sd, set(allowed_missing), _pool_flag(model))
     _assign(model, new_sd)
 
     head_keys = _head_keys(model, own)
@@ -149,7 +174,8 @@ def load_pretrained(model: paddle.nn.Layer, source: str, weights_dir: str = "./w
 
     resized = None
     if "pos_embed" in sd and "pos_embed" in new_sd and sd["pos_embed"].shape != new_sd["pos_embed"].shape:
-        old_n, new_n = sd["pos_embed"].shape[1] - 1, new_sd["pos_embed"].shape[1] - 1
+        prefix = getattr(model, "pos_embed_prefix", 1)   # entries of the cls / register tokens, kept as they are
+        old_n, new_n = sd["pos_embed"].shape[1] - prefix, new_sd["pos_embed"].shape[1] - prefix
         resized = (int(round(old_n ** 0.5)), int(round(new_n ** 0.5)))
     report = {"path": path, "format": "paddle" if path.lower().endswith(".pdparams") else "torch",
               "loaded": sorted(new_sd), "dropped": dropped, "missing": missing, "head_reset": head_reset,
@@ -176,7 +202,7 @@ def load_finetuned(model: paddle.nn.Layer, source: str, weights_dir: str = "./we
     path = find_weights(source, weights_dir)
     sd, convert_report = read_paddle_state_dict(path)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    _check_keys(path, own, sd, set(), getattr(model, "global_pool", None))
+    _check_keys(path, own, sd, set(), _pool_flag(model))
     _assign(model, sd)
     report = {"path": path, "format": "paddle" if path.lower().endswith(".pdparams") else "torch",
               "loaded": sorted(sd), "dropped": [], "missing": [], "head_reset": False, "pos_embed_resized": None,
@@ -191,7 +217,7 @@ def load_state_dict_strict(model: paddle.nn.Layer, state_dict: dict, where: str)
     same strict key and shape check as the file loaders; ``where`` names the source in errors."""
     sd = {k: (v.numpy() if isinstance(v, paddle.Tensor) else np.asarray(v)) for k, v in state_dict.items()}
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    _check_keys(where, own, sd, set(), getattr(model, "global_pool", None))
+    _check_keys(where, own, sd, set(), _pool_flag(model))
     _assign(model, sd)
 
 
@@ -209,7 +235,7 @@ def summarize(report: dict[str, Any]) -> str:
         lines.append("  not in checkpoint (kept at init): " + ", ".join(report["missing"]))
     if report["pos_embed_resized"]:
         o, n = report["pos_embed_resized"]
-        lines.append(f"  pos_embed resized bicubic {o}x{o} -> {n}x{n} patch grid (cls token kept)")
+        lines.append(f"  pos_embed resized bicubic {o}x{o} -> {n}x{n} patch grid (prefix-token entries kept)")
     if report["head_reset"]:
         lines.append("  head re-initialised: trunc_normal(std=2e-5), bias 0")
     return "\n".join(lines)

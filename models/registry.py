@@ -1,6 +1,7 @@
 """Model registry: every model is a factory registered by name (timm's ``@register_model`` habit).
 
-Old reference spellings resolve through the explicit alias table ``MODEL_ALIASES``.
+Old reference spellings resolve through the explicit alias table ``MODEL_ALIASES``; the reference's
+``--model Dinov2 --model_arch dinov2_vitl14`` pair through ``util.weights_files.model_for_arch``.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import inspect
 from typing import Callable
 
 from util.errors import UserError, unknown_name_error
+from util.weights_files import model_for_arch
 
 _MODELS: dict[str, Callable] = {}
 
@@ -15,6 +17,10 @@ _MODELS: dict[str, Callable] = {}
 MODEL_ALIASES: dict[str, str] = {
     "RETFound_mae": "retfound_mae",
     "vit_large_patch16": "retfound_mae",
+    "RETFound_dinov2": "retfound_dinov2",
+    "RETFound_Green": "retfound_green",
+    "RETFound-Green": "retfound_green",
+    "VisionFM": "visionfm",
 }
 
 
@@ -34,11 +40,13 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def resolve_model_name(name: str) -> str:
-    """Canonical registered name for ``name`` (alias-aware); unknown names raise with close matches."""
+def resolve_model_name(name: str, model_arch: str | None = None) -> str:
+    """Canonical registered name for ``name`` (alias-aware; with the reference's ``--model_arch`` when given,
+    which ``--model Dinov2`` needs); unknown names raise with close matches."""
+    name = model_for_arch(name, model_arch)
     name = MODEL_ALIASES.get(name, name)
     if name not in _MODELS:
-        raise unknown_name_error("model", name, list(_MODELS) + list(MODEL_ALIASES))
+        raise unknown_name_error("model", name, list(_MODELS) + list(MODEL_ALIASES) + ["Dinov2"])
     return name
 
 

@@ -68,7 +68,7 @@ def paddle_side(workdir: str, which: str) -> None:
     from models.pretrained import load_finetuned
 
     t0 = time.time()
-    model = models.create_model("retfound_mae", num_classes=5, global_pool=True, img_size=224)
+    model = models.create_model("retfound_mae", num_classes=5, global_pool=True, input_size=224)
     model.eval()
     t1 = time.time()
     load_finetuned(model, which)

@@ -134,10 +134,11 @@ def _rollout(model, images: paddle.Tensor) -> np.ndarray:
         rollout = a if rollout is None else paddle.matmul(a, rollout)
     # the classifier's input decides which row: the cls token's (a ViT head on the cls token) or the mean
     # of the patch tokens' (global pooling; the patch tokens a dual-eye model pools)
+    p = getattr(vit, "num_prefix_tokens", 1)                             # cls (+ register tokens)
     if vit.num_outputs > 0 and not vit.global_pool:
-        row = rollout[:, 0, 1:]
+        row = rollout[:, 0, p:]
     else:
-        row = rollout[:, 1:, 1:].mean(axis=1)
+        row = rollout[:, p:, p:].mean(axis=1)
     g = vit.patch_embed.grid_size
     return row.reshape([-1, g, g]).numpy()
 
@@ -183,8 +184,9 @@ def _gradcam(model, images: paddle.Tensor, target) -> tuple[np.ndarray, np.ndarr
         feats = captured[0]
         grads = paddle.grad(score, feats)[0]
     feats, grads = feats.detach().astype("float64"), grads.astype("float64")
-    if vit is not None:                                   # tokens [B', 1 + N, D] -> patch tokens
-        feats, grads = feats[:, 1:], grads[:, 1:]
+    if vit is not None:                                   # tokens [B', prefix + N, D] -> patch tokens
+        p = getattr(vit, "num_prefix_tokens", 1)
+        feats, grads = feats[:, p:], grads[:, p:]
         weights = grads.mean(axis=1, keepdim=True)        # [B', 1, D]
         cam = F.relu((feats * weights).sum(axis=-1))      # [B', N]
         g = vit.patch_embed.grid_size

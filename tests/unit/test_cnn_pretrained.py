@@ -300,5 +300,5 @@ def test_paddleclas_weights_table_matches_paddleclas_and_the_registry():
     for file_name, (_, url) in PADDLECLAS_WEIGHTS.items():
         assert published[file_name[: -len("_pretrained.pdparams")]] == url, file_name
     covered = {m for models, _ in PADDLECLAS_WEIGHTS.values() for m in models}
-    cnn = {m for m in list_models() if not m.endswith("_test") and "retfound" not in m and not m.startswith("vit_")}
+    cnn = {m for m in list_models() if not m.endswith("_test") and "retfound" not in m and not m.startswith(("vit_", "dinov2_", "visionfm"))}
     assert covered == cnn

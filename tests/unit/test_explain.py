@@ -116,6 +116,34 @@ def test_rollout_of_a_one_block_vit_follows_abnar_and_zuidema(global_pool):
     np.testing.assert_array_equal(explain_batch(model, x, "rollout", target=2), explain_batch(model, x, "rollout"))
 
 
+def test_rollout_of_a_vit_with_register_tokens_reads_the_patch_columns_only():
+    """With register tokens (RETFound-Green's layout: cls, 4 registers, then the patches) the map is the
+    patch columns of the rollout, the registers left out as the cls token is; a one-block model worked by
+    hand as above."""
+    paddle.seed(2)
+    model = create_model("retfound_green_test", num_classes=3, input_size=32)
+    model.eval()
+    assert model.num_prefix_tokens == 5
+    x = _images(1, 32, n=2, seed=3)
+    with paddle.no_grad():
+        tokens = model.patch_embed(x).numpy() + model.pos_embed.numpy()          # no_embed_class: patches only
+    prefix = np.concatenate([np.broadcast_to(model.cls_token.numpy(), (2, 1, tokens.shape[-1])),
+                             np.broadcast_to(model.reg_token.numpy(), (2, 4, tokens.shape[-1]))], axis=1)
+    h = np.concatenate([prefix, tokens], axis=1).astype(np.float64)
+    r = None
+    for block in model.blocks:   # the attention of each block, on its real input
+        a = _attention_numpy(block, h).mean(axis=1)
+        a = (a + np.eye(a.shape[-1])) / 2
+        r = a if r is None else a @ r
+        with paddle.no_grad():
+            h = block(paddle.to_tensor(h.astype(np.float32))).numpy().astype(np.float64)
+    row = r[:, 5:, 5:].mean(axis=1) if model.global_pool else r[:, 0, 5:]
+    g = model.patch_embed.grid_size
+    np.testing.assert_allclose(explain_batch(model, x, "rollout"), _upsample_minmax(row.reshape(2, g, g), 32),
+                               atol=1e-4)
+    assert explain_batch(model, x, "gradcam").shape == (2, 32, 32)
+
+
 def test_vit_gradcam_weights_the_last_norm1_patch_tokens_by_their_mean_gradient():
     """Grad-CAM on a ViT: the last block's norm1 output, cls token dropped, channel weights = mean gradient over
     the patch tokens, ReLU of the weighted sum, token n at grid cell (n // g, n % g) (PatchEmbed's row-major
