@@ -1,6 +1,6 @@
 """Fine-tune a registered model on a dataset (RETFound recipe by default), or evaluate a checkpoint.
 
-    python main_finetune.py --data_path OCTID --nb_classes 5 [--finetune RETFound_mae_meh]
+    python main_finetune.py --data_path OCTID --nb_classes 5 [--finetune RETFound_mae_meh] [--adaptation lp|lora]
     python main_finetune.py --config configs/demo_retinamnist.yaml
     python main_finetune.py --eval --resume RUN_OR_CKPT [--data_path D]     # the checkpoint knows the rest
     python main_finetune.py --resume RUN/checkpoint-last.pdparams [--epochs N]  # the run's own config.yaml
@@ -20,6 +20,8 @@ import warnings
 
 import numpy as np
 
+from util.adaptation import Adaptation, is_ratio_sweep
+from util.protocol.ratios import run_ratio_sweep
 from util.threads import math_threads
 from util.weights_files import find_weights
 
@@ -41,6 +43,8 @@ def main(cfg) -> dict:
     """Set up the process (distributed group, device, seeds, the run folder's lock), then ``run``."""
     if cfg.finetune and not cfg.resume:
         find_weights(cfg.finetune, cfg.weights_dir)  # a missing weights file fails first, before Paddle is set up
+    if is_ratio_sweep(cfg):  # --dataratio a,b,c: one run of this script per ratio (util/adaptation.py)
+        return run_ratio_sweep(cfg, os.path.abspath(__file__))
     import paddle
 
     from models import resolve_model_name
@@ -62,7 +66,7 @@ def main(cfg) -> dict:
         say(line)
     device, amp = select_device(cfg.device, cfg.amp, cfg.amp_dtype, say)
     seed = seed_everything(cfg.seed + D.get_rank())
-    model_name = resolve_model_name(cfg.model)
+    model_name = resolve_model_name(cfg.model, cfg.model_arch)
     data_name = os.path.splitext(os.path.basename(os.path.normpath(cfg.data_path)))[0]
     run_dir = os.path.join(cfg.output_dir, cfg.task or f"{model_name}_{data_name}") if cfg.output_dir else None
     lock = RunFolderLock(run_dir) if main_proc and run_dir else None  # held until the end: one run per folder
@@ -97,7 +101,6 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
     from util.image_check import check_dataset_images
     from util.inference import RunIdentity
     from util.losses import build_criterion
-    from util.lr_decay import freeze_backbone
     from util.outputs.recorder import Recorder
     from util.outputs.run_folder import trim_to_epoch
     from util.outputs.run_log import RunLogger
@@ -123,9 +126,8 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
     check_views(model, model_name, getattr(first, "num_views", 1), cfg.data_path)
     if cfg.explain:  # --explain rollout on a CNN fails now, not after training
         check_method(cfg.explain, model)
-    data_cfg = dict(model.default_cfg)  # input_size: --input_size, or the model's own default size
-    if cfg.crop_pct is not None:
-        data_cfg["crop_pct"] = cfg.crop_pct
+    # input_size: --input_size, or the model's own default size
+    data_cfg = {**model.default_cfg, **({} if cfg.crop_pct is None else {"crop_pct": cfg.crop_pct})}
     augment = {k: getattr(cfg, k) for k in ("aa", "reprob", "remode", "recount", "color_jitter", "hflip", "vflip",
                                             "rotation", "train_aug")}
     attach_transforms(datasets, data_cfg, build_reader(cfg.fundus_crop, cfg.fov_threshold, cfg.preprocess_size,
@@ -134,16 +136,15 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
                            cfg.data_path, first.task_type, tuple(data_cfg["mean"]), tuple(data_cfg["std"]),
                            data_cfg.get("interpolation", "bicubic"), data_cfg.get("crop_pct"), cfg.fundus_crop,
                            cfg.fov_threshold, cfg.preprocess_size).meta()
-    resume_state = load_weights(model, identity, resume=cfg.resume, finetune=cfg.finetune, eval_only=cfg.eval,
-                                weights_dir=cfg.weights_dir, verbose=main_proc)
+    resume_state = Adaptation(**{k: getattr(cfg, k) for k in Adaptation.__dataclass_fields__}).prepare(  # lp, LoRA
+        model, lambda: load_weights(model, identity, resume=cfg.resume, finetune=cfg.finetune, eval_only=cfg.eval,
+                                    weights_dir=cfg.weights_dir, verbose=main_proc), cfg.resume, cfg.eval, say)
     if resume_state is not None and not cfg.eval and main_proc and run_dir:
         trim_to_epoch(run_dir, int(resume_state["epoch"]), say=say)  # records of epochs after the checkpoint's
     thresholds = (resume_state or {}).get("thresholds") if cfg.eval else None
     temperature = (resume_state or {}).get("temperature") if cfg.eval else None  # --calibrate fitted it on val
     if matched is not None:  # the model's outputs for the data's classes
         model, thresholds, class_names, num_classes = matched.apply(model, thresholds)
-    if cfg.freeze_backbone:
-        say(f"--freeze_backbone: {freeze_backbone(model)} backbone parameter tensors frozen; training the head only")
     n_parameters = sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient)
     workers = resolve_num_workers(cfg.num_workers)  # --num_workers, else from the cores (util/threads.py)
     say(f"Model {model_name}: {n_parameters / 1e6:.2f} M trainable parameters, task {task.name}, "
@@ -189,10 +190,9 @@ def run(cfg, model_name: str, run_dir: str | None, device: str, amp, seed: int, 
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from util.cli import run_command
-    from util.config import resolve_config
+    from util.protocol import protocol_cli
 
-    return run_command(lambda: main(resolve_config(argv)))
+    return protocol_cli(argv, __file__, main)  # a plain run, or the sub-runs of --seeds/--kfold/--external
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 #                                  retina, aptos2019, jsiec, idrid, messidor2, papila, glaucoma_fundus
 # bash run.sh SEED_PRESET ...      a seed system from configs/<preset>.yaml: multilabel_effb4, external_eye_effb4,
 #                                  dr_regression_effv2m, odir_dual_convnext, odir_dual_resnet50, odir_dual_retfound
+# bash run.sh NAME ... --seeds N   each run repeated with N seeds (mean and 95% CI per metric; the RETFound
+#                                  paper's protocol is --seeds 5); --kfold K: K-fold cross-validation instead
 # bash run.sh -h | --help          this text
 #
 # Environment: DATA_ROOT (default: the repository's data/) holds one folder per dataset (train/ val/ test/
@@ -11,6 +13,9 @@
 # OUTPUT_DIR (default: the repository's output_dir/). Relative paths in these three (and in PYTHON) are taken
 # from the folder run.sh is called from. PYTHON (default python); NPROC (default 1) > 1 trains data-parallel
 # with paddle.distributed.launch.
+# With --seeds N (or --kfold K) each run folder holds the N sub-runs and seeds_summary.md (kfold_summary.md);
+# the summary table shows their mean with its 95% t-interval. Running the same command again keeps the
+# sub-runs that finished and resumes a stopped one.
 # Extra flags after "--" go to every run, e.g. bash run.sh octid -- --epochs 50 --lr 5e-4. The runs start in
 # the repository, so relative paths inside these flags are taken from there. The run folder under OUTPUT_DIR
 # is the preset's (RETFound_mae_meh-OCTID, multilabel_effb4); with --model X among the flags it is named
@@ -39,10 +44,18 @@ NPROC=${NPROC:-1}
 
 names=()
 extra=()
+protocol=()  # --seeds N / --kfold K, for every run
 while [ $# -gt 0 ]; do
   case $1 in
     --) shift; extra=("$@"); break ;;
     -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' run.sh; exit 0 ;;  # the header above
+    --seeds|--kfold|--seeds=*|--kfold=*)
+      opt=${1%%=*}; if [[ $1 == *=* ]]; then value=${1#*=}; shift; else value=${2:-}; shift $(( $# > 1 ? 2 : 1 )); fi
+      if ! [[ $value =~ ^[0-9]+$ ]] || [ "$value" -lt 2 ]; then
+        echo "run.sh: $opt '$value': not a count of 2 or more (runs per dataset); e.g. bash run.sh octid $opt 5" >&2
+        exit 2
+      fi
+      protocol+=("$opt" "$value"); continue ;;
     -*) echo "run.sh: unknown option '$1' (run.sh takes dataset or preset names; flags for main_finetune.py go" \
           "after '--'); e.g. bash run.sh octid -- $1 ..., or see bash run.sh --help" >&2; exit 2 ;;
   esac
@@ -64,7 +77,7 @@ if [ ${#names[@]} -gt 1 ] && [[ " ${names[*]} " == *" demo "* ]]; then
   exit 2
 fi
 if [ "${names[0]:-}" = "demo" ]; then
-  launch --config configs/demo_retinamnist.yaml --output_dir "$OUTPUT_DIR" "${extra[@]}" || exit $?
+  launch --config configs/demo_retinamnist.yaml --output_dir "$OUTPUT_DIR" "${extra[@]}" "${protocol[@]}" || exit $?
   "$PYTHON" tools/summarize_runs.py --demo "$OUTPUT_DIR/demo_retinamnist"
   exit $?
 fi
@@ -172,7 +185,7 @@ failures=()
 run_preset() {
   echo "=== $1: $2 -> $OUTPUT_DIR/$3"
   if ! launch --config "configs/$1.yaml" --data_path "$2" --weights_dir "$WEIGHTS_DIR" \
-      --output_dir "$OUTPUT_DIR" --task "$3" "${extra[@]}"; then
+      --output_dir "$OUTPUT_DIR" --task "$3" "${extra[@]}" "${protocol[@]}"; then
     echo "run.sh: $1 failed" >&2; failures+=("$1")
   fi
   runs+=("$OUTPUT_DIR/$3")

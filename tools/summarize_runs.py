@@ -7,7 +7,9 @@ published numbers, as Markdown with 95% confidence intervals, or runs side by si
     python tools/summarize_runs.py --compare RUN_A RUN_B  # every metric a row, one column per run, the best marked
 
 The intervals come from ``<run>/metrics_test_ci.csv`` (columns ``metric, value, ci_low, ci_high``: bootstrap
-95% CIs on the test split); a run without that file shows its values alone.
+95% CIs on the test split); a run without that file shows its values alone. A folder of repeated runs
+(``--seeds N`` or ``--kfold K``: ``seeds_summary.csv`` or ``kfold_summary.csv`` instead of ``metrics_test.csv``)
+shows the mean over its sub-runs with the 95% t-interval of the mean, its name marked ``(N seeds)``.
 """
 from __future__ import annotations
 
@@ -62,6 +64,38 @@ def _number(text) -> float:
         return float("nan")
 
 
+# folders of repeated runs (util/protocol): kind -> what one sub-run is called
+PROTOCOL_SUMMARIES = {"seeds": "seed", "kfold": "fold"}
+
+
+def read_protocol_summary(run: str) -> tuple[dict, dict, str] | None:
+    """``({metric: mean}, {metric: (ci_low, ci_high)}, ' (N seeds)')`` of a folder of repeated runs (its
+    ``seeds_summary.csv`` or ``kfold_summary.csv``: a row per metric), or ``None``."""
+    for kind, what in PROTOCOL_SUMMARIES.items():
+        path = os.path.join(run, f"{kind}_summary.csv")
+        if not os.path.isfile(path):
+            continue
+        with open(path, newline="", encoding="utf8") as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            return None
+        n = max(int(v) for v in (_number(r.get("n")) for r in rows) if math.isfinite(v)) if rows else 0
+        return ({r["metric"]: r["mean"] for r in rows},
+                {r["metric"]: (_number(r["ci_low"]), _number(r["ci_high"])) for r in rows},
+                f" ({n} {what}{'s' if n != 1 else ''})")
+    return None
+
+
+def load_run(run: str) -> tuple[dict | None, dict, str]:
+    """The test metrics of a run folder, their CIs and a suffix for its name: ``metrics_test.csv`` and
+    ``metrics_test_ci.csv``, else a protocol summary (mean and t-interval over its sub-runs); ``(None, {}, '')``
+    when there is neither."""
+    row = read_last_row(os.path.join(run, "metrics_test.csv"))
+    if row is not None:
+        return row, read_cis(run), ""
+    return read_protocol_summary(run) or (None, {}, "")
+
+
 def read_cis(run: str) -> dict[str, tuple[float, float]]:
     """``metric -> (ci_low, ci_high)`` from ``<run>/metrics_test_ci.csv``; empty when the run has none."""
     path = os.path.join(run, CI_FILE)
@@ -98,8 +132,9 @@ def markdown_table(runs: list[str]) -> tuple[list[str], int]:
     """Markdown lines: one table per column set (task type), a row per run with value (95% CI) per headline
     metric; and the number of runs without metrics_test.csv."""
     lines, header, missing = [], None, 0
+    repeated = False
     for run in runs:
-        row = read_last_row(os.path.join(run, "metrics_test.csv"))
+        row, cis, suffix = load_run(run)
         name = os.path.basename(os.path.normpath(run))
         cols = columns_for(row) if row is not None else header or COLUMNS
         if cols != header:
@@ -109,10 +144,13 @@ def markdown_table(runs: list[str]) -> tuple[list[str], int]:
             lines.append(_md_row([name, "(no metrics_test.csv: the run did not finish)", *[""] * (len(cols) - 1)]))
             missing += 1
             continue
-        cis = read_cis(run)
-        lines.append(_md_row([name, *(cell(row.get(c), cis.get(c)) for c in cols)]))
+        repeated = repeated or bool(suffix)
+        lines.append(_md_row([name + suffix, *(cell(row.get(c), cis.get(c)) for c in cols)]))
     lines += ["", "Test split; in brackets the 95% bootstrap confidence interval (from metrics_test_ci.csv, where "
                   "the run has one)."]
+    if repeated:
+        lines.append("Rows marked (N seeds) or (N folds): the mean over the sub-runs, in brackets the 95% t-interval "
+                     "of the mean (seeds_summary.md, kfold_summary.md).")
     return lines, missing
 
 
@@ -123,9 +161,10 @@ def _overlap(a, b) -> bool:
 def compare_table(runs: list[str]) -> tuple[list[str], int]:
     """Markdown lines: every metric of the runs a row, one column per run (value and 95% CI), then the best run
     and whether its CI overlaps another run's (overlapping intervals do not show a difference)."""
-    names = [os.path.basename(os.path.normpath(r)) for r in runs]
-    rows = [read_last_row(os.path.join(r, "metrics_test.csv")) for r in runs]
-    cis = [read_cis(r) for r in runs]
+    loaded = [load_run(r) for r in runs]
+    names = [os.path.basename(os.path.normpath(r)) + suffix for r, (_, _, suffix) in zip(runs, loaded)]
+    rows = [row for row, _, _ in loaded]
+    cis = [ci for _, ci, _ in loaded]
     metrics: list[str] = []
     for row, ci in zip(rows, cis):
         for m in list(ci) + list(row or {}):
@@ -168,11 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         lines, missing = (compare_table if a.compare else markdown_table)(a.runs)
         print("\n".join(lines))
         return 1 if missing == len(a.runs) else 0
-    width = max(len(os.path.basename(os.path.normpath(r))) for r in a.runs) + 2
+    width = max(len(os.path.basename(os.path.normpath(r)) + load_run(r)[2]) for r in a.runs) + 2
     missing, header = 0, None
     for run in a.runs:
-        row = read_last_row(os.path.join(run, "metrics_test.csv"))
-        name = os.path.basename(os.path.normpath(run)).ljust(width)
+        row, _, suffix = load_run(run)
+        name = (os.path.basename(os.path.normpath(run)) + suffix).ljust(width)
         cols = columns_for(row) if row is not None else header or COLUMNS
         # each column as wide as its name (at least a value's) plus two spaces, so no two headers touch
         widths = [max(len(c), 8) + 2 for c in cols]

@@ -19,9 +19,11 @@ from typing import Any
 
 import yaml
 
+from util.adaptation import check_adaptation_flags
 from util.errors import UserError, close_matches
 from util.fileio import atomic_path
 from util.task_names import TASK_NAMES
+from util.weights_files import model_for_arch
 
 _LAUNCHER_NOTE = "accepted for compatibility with the reference launcher and ignored"
 
@@ -107,6 +109,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('model')
     g.add_argument('--model', default='retfound_mae', type=str,
                    help='registered model name (reference spellings such as RETFound_mae resolve too)')
+    g.add_argument('--model_arch', default=None, type=str,
+                   help="the reference's backbone key: --model Dinov2 needs it (dinov2_vits14, dinov2_vitb14, "
+                        "dinov2_vitl14); with another --model it must name that model (--model RETFound_dinov2 "
+                        "--model_arch retfound_dinov2); python -m models.list shows the models")
     g.add_argument('--input_size', default=None, type=int,
                    help="image size in pixels (default: the model's own: 224 for retfound_mae, 380 for "
                         "efficientnet_b4, ...)")
@@ -122,6 +128,28 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'spelling of --no-global_pool)')
     g.add_argument('--freeze_backbone', default=False, action=b,
                    help='train only the head (every parameter the model places below its head is frozen)')
+
+    g = p.add_argument_group('adaptation', 'how much of the model trains, and on how much of the training split '
+                             '(util/adaptation.py)')
+    g.add_argument('--adaptation', default='finetune', choices=['finetune', 'lp', 'lora'],
+                   help='finetune: every parameter trains; lp: linear probe as the reference (only the head trains, '
+                        'same transforms and optimizer); lora: low-rank adapters on the q and v parts of every ViT '
+                        "block's qkv projection, plus the head (checkpoint-best saved merged: a plain model)")
+    g.add_argument('--lp_cached_features', default=False, action=b,
+                   help='with --adaptation lp: compute every train/val image\'s frozen features once (eval '
+                        'transform, no augmentation: a different protocol) and train the head on them in seconds')
+    g.add_argument('--lora_rank', default=8, type=int, help='--adaptation lora: rank of the adapters')
+    g.add_argument('--lora_alpha', default=16.0, type=float,
+                   help='--adaptation lora: the adapters are scaled by alpha / rank')
+    g.add_argument('--lora_dropout', default=0.0, type=float,
+                   help="--adaptation lora: dropout on the adapters' input")
+    g.add_argument('--dataratio', default='1.0', type=str,
+                   help='train on this share of the training split, drawn with --seed (val and test stay whole); '
+                        'a comma-separated list (0.1,0.3,1.0) runs once per ratio, in <task>/<task>_ratio<r>/, '
+                        'then <task>/dataratio_summary.csv')
+    g.add_argument('--stratified', default=False, action=b,
+                   help='--dataratio: draw the share per class, keeping the class proportions (at least one '
+                        'image per class)')
 
     g = p.add_argument_group('optimizer')
     g.add_argument('--clip_grad', default=None, type=float,
@@ -302,6 +330,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', default=argparse.SUPPRESS,
                    help='reference spelling of --no-pin_mem')
     g.add_argument('--savemodel', default=True, action=b, help='save the best checkpoint')
+
+    g = p.add_argument_group('evaluation protocol', 'repeated runs and external validation: sub-runs of this '
+                             'command, one after another, in the run folder <output_dir>/<task>/, then a summary '
+                             'table; run the same command again to finish what an interrupted one left')
+    g.add_argument('--seeds', default=0, type=int,
+                   help='repeat the run with N seeds (--seed, --seed + 1, ...; same split): sub-runs '
+                        '<task>/<task>_seed<k>, then seeds_summary.csv/.md with each seed, the mean, SD and 95%% '
+                        't-interval of every test metric (default: 0, one run)')
+    g.add_argument('--kfold', default=0, type=int,
+                   help='K-fold cross-validation: every split pooled into K folds (by patient where the table '
+                        'has a patient column, stratified by label); fold k is the test split of sub-run '
+                        '<task>/<task>_fold<k>, val comes from the other folds; then kfold_summary.csv/.md '
+                        '(default: 0, the usual split)')
+    g.add_argument('--fold', default=None, type=int,
+                   help='with --kfold K: run fold k alone (0..K-1), as a plain run (default: every fold)')
+    g.add_argument('--external', default='', type=str,
+                   help='comma-separated datasets to evaluate the checkpoint on (the one this command trains, or '
+                        '--eval --resume CKPT): the test split of each, classes matched by name, in '
+                        '<task>/external/<name>/; then external_summary.csv/.md, one row per dataset')
 
     g = p.add_argument_group('reference launcher flags', _LAUNCHER_NOTE + '; start several processes with '
                              '`python -m paddle.distributed.launch --nproc_per_node N main_finetune.py ...`')
@@ -485,6 +532,7 @@ def validate_config(cfg: argparse.Namespace) -> None:
     def fail(flag: str, what: str, expected: str, fix: str) -> None:
         raise UserError(f"--{flag} {getattr(cfg, flag)!r}: {what} ({expected}); {fix}")
 
+    model_for_arch(cfg.model, cfg.model_arch)   # a --model / --model_arch pair that does not fit raises
     if not cfg.data_path:
         raise UserError("--data_path: missing (a class-folder root or a .npz file is required); pass "
                         "--data_path <path> or set data_path in the --config preset")
@@ -562,6 +610,9 @@ def validate_config(cfg: argparse.Namespace) -> None:
     if cfg.min_lr > peak:
         fail('min_lr', f'is above the peak LR {peak:.3g}', 'expected min_lr <= peak LR',
              'lower --min_lr or raise --lr/--blr')
+    from util.protocol.options import validate_protocol
+    validate_protocol(cfg)  # --seeds, --kfold/--fold, --external
+    check_adaptation_flags(cfg)  # --adaptation, --lora_*, --lp_cached_features, --dataratio
 
 
 def config_warnings(cfg: argparse.Namespace) -> list[str]:

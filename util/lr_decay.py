@@ -6,7 +6,9 @@ module never branches on a model name. A parameter in layer ``i`` gets the LR sc
 ``layer_decay ** (num_layers - i)``, times ``backbone_lr_scale`` when ``i < num_layers`` (the backbone; the
 head and fusion layers have ``i == num_layers``); 1-D parameters (biases, norms) and the model's named
 exemptions (ViT: ``pos_embed``, ``cls_token``) get no weight decay. ``freeze_backbone`` stops the gradient of
-every backbone parameter instead (a linear probe of the features).
+every backbone parameter instead (the head and anything above the backbone train). Frozen parameters (this, and
+``--adaptation lp|lora``, util/adaptation.py) are in no group, so they get neither updates nor weight decay; a LoRA
+adapter (``blocks.3.attn.qkv.lora_a_q``) is in the group of the block it sits in.
 
 Optimizers (``build_optimizer(opt=...)``), each with torch's update rule:
 

@@ -40,7 +40,7 @@ RESUME_MAY_CHANGE = frozenset({
 # The data's location and how to read it: restored for --eval only when --data_path is not given.
 DATA_KEYS = ("data_path", "data_format", "image_col", "label_cols", "grade_col", "split_col", "val_ratio",
              "test_ratio", "split_seed", "image_root", "left_col", "right_col", "patient_col", "eye_mode", "sheet",
-             "allow_outside_paths")
+             "allow_outside_paths", "kfold", "fold")
 
 # cfg key -> where the checkpoint's meta keeps it ("inference" entries are one level down)
 _META_KEYS = {"model": ("model",), "input_size": ("input_size",), "global_pool": ("global_pool",),

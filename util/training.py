@@ -5,6 +5,13 @@ Everything comes in as explicit values: ``FitOptions`` (frozen) holds the settin
 recorder writes every file. References: RETFound_MAE / MAE ``main_finetune.py`` (the epoch loop, best
 checkpoint by the validation score, the test on the best checkpoint). ``--patience`` (early stopping, off
 by default as in the reference, which has none) counts epochs without a new best by that same comparison.
+
+Adaptation (``util/adaptation.py``): a LoRA model's ``checkpoint-best`` is rewritten merged each time it is saved
+(a plain model; ``checkpoint-last`` keeps the adapters, to resume), and its adapters are merged into the weights
+before the best checkpoint is loaded for the test. With ``lp_cached_features`` the network trained (and
+calibrated) is the head on the train and val features, computed once (``util/lp_features.py``): only trainable
+parameters change, so their best and last values are kept in memory and both checkpoints (of the full model)
+are written once, at the end.
 """
 from __future__ import annotations
 
@@ -19,8 +26,10 @@ import paddle
 import engine_finetune as engine
 from models.pretrained import load_state_dict_strict
 from util import distributed as D
+from util.adaptation import has_lora, merge_lora, merged_state_dict
 from util.errors import UserError
 from util.fileio import atomic_path
+from util.lp_features import feature_loaders
 from util.lr_decay import build_optimizer
 from util.lr_sched import Schedule, build_schedule, effective_lr
 from util.metrics.calibration import (
@@ -66,6 +75,8 @@ class FitOptions:
     per_class_report: bool = False
     seed: int = 0
     data_path: str = ""
+    balanced_sampler: bool = False
+    lp_cached_features: bool = False  # train the head on features computed once (util/lp_features.py)
     info: dict = field(default_factory=dict)  # written to run_info.json
 
 
@@ -242,6 +253,11 @@ def fit(model, bare_model, loaders: dict, seeders: dict, task, num_classes: int,
     when given) receives ``calibrate_on_val``'s result, for the test: ``evaluate(..., temperature=...)``."""
     training = build_training(bare_model, task, opts, amp, say)
     run = restore_training(resume_state, training, bare_model, opts, say)
+    if opts.lp_cached_features and run.start_epoch < opts.epochs:  # the network: the head on frozen features
+        model, loaders, seeders = feature_loaders(bare_model, {s: loaders[s].dataset for s in ("train", "val")},
+                                                  loaders["val"].dataset.transform, opts.batch_size,
+                                                  loaders["train"].num_workers, opts.seed, amp, opts.balanced_sampler,
+                                                  say)
     if logger.enabled:
         with open(os.path.join(recorder.run_dir, "run_info.json"), "w", encoding="utf8") as f:
             json.dump({"effective_lr": training.lr, "tune_thresholds": training.tune,
@@ -267,6 +283,20 @@ def fit(model, bare_model, loaders: dict, seeders: dict, task, num_classes: int,
             f"val {opts.val_metric}; with --patience {opts.patience}" + (" (off)" if not opts.patience else "")
             + f" it trains on from epoch {run.start_epoch}")
     last_epoch = run.start_epoch - 1  # the run's last trained epoch (-1: none)
+    kept: dict = {}  # lp_cached_features: (epoch, trainable values, val stats) of the best and the last epoch
+
+    def save(epoch: int, val_stats: dict, improved: bool) -> None:
+        recorder.checkpoints(epoch, model=bare_model, optimizer=training.optimizer, scaler=training.scaler,
+                             schedule=training.schedule, val_stats=val_stats, val_metric=opts.val_metric,
+                             improved=improved, best_score=run.best_score, best_epoch=run.best_epoch,
+                             best_thresholds=run.best_thresholds,
+                             epochs_without_improvement=run.epochs_without_improvement,
+                             stopped_early=run.stopped_early)
+        best_path = recorder.path("checkpoint-best.pdparams")
+        if improved and recorder.enabled and has_lora(bare_model) and os.path.isfile(best_path):
+            # checkpoint-best is a plain model (predict.py, export.py): the adapters merged into qkv.weight
+            atomic_save({**load_checkpoint(best_path), "model": merged_state_dict(bare_model)}, best_path)
+
     t0 = time.time()
     for epoch in epochs:
         loaders["train"].batch_sampler.set_epoch(epoch)
@@ -290,12 +320,12 @@ def fit(model, bare_model, loaders: dict, seeders: dict, task, num_classes: int,
         if opts.per_class_report:
             say(format_per_class(val_stats.get("per_class", [])))
         recorder.epoch(epoch, train_stats, val_stats, opts.info["n_parameters"])
-        recorder.checkpoints(epoch, model=bare_model, optimizer=training.optimizer, scaler=training.scaler,
-                             schedule=training.schedule, val_stats=val_stats, val_metric=opts.val_metric,
-                             improved=improved, best_score=run.best_score, best_epoch=run.best_epoch,
-                             best_thresholds=run.best_thresholds,
-                             epochs_without_improvement=run.epochs_without_improvement,
-                             stopped_early=run.stopped_early)
+        if opts.lp_cached_features:  # only the head changes: its states are kept, the files written at the end
+            if improved:
+                kept["best"] = (epoch, _trainable_values(bare_model), val_stats)
+            kept["last"] = (epoch, None, val_stats)
+        else:
+            save(epoch, val_stats, improved)
         D.barrier()
         last_epoch = epoch
         if run.stopped_early:
@@ -303,8 +333,17 @@ def fit(model, bare_model, loaders: dict, seeders: dict, task, num_classes: int,
                 f"{run.epochs_without_improvement} epoch(s) (--patience {opts.patience}); best {opts.val_metric} "
                 f"{_metric_value(task, opts.val_metric, run.best_score):.4f} at epoch {run.best_epoch}")
             break
+    if "last" in kept:  # lp_cached_features: the best and the last head of this run's epochs, written now
+        if "best" in kept:
+            final = _trainable_values(bare_model)
+            _set_values(bare_model, kept["best"][1])
+            save(kept["best"][0], kept["best"][2], True)
+            _set_values(bare_model, final)
+        save(kept["last"][0], kept["last"][2], False)
     say(f"Training time {time.time() - t0:.0f}s; best val {opts.val_metric} at epoch {run.best_epoch}")
     recorder.curves(run.best_epoch, headline)
+    if has_lora(bare_model):  # the test (and anything after it) sees the plain model checkpoint-best holds
+        say(f"LoRA: the adapters of {merge_lora(bare_model)} qkv projections merged into the weights")
 
     # the test runs once, on the best checkpoint, with the thresholds tuned at that epoch
     best_path = recorder.path("checkpoint-best.pdparams")
@@ -325,6 +364,18 @@ def fit(model, bare_model, loaders: dict, seeders: dict, task, num_classes: int,
                calibration)
     say("Test on the final weights (no best checkpoint was saved: --no-savemodel or no output folder)")
     return run.best_thresholds
+
+
+def _trainable_values(model) -> dict:
+    """Copies of the values of ``model``'s trainable parameters, by name."""
+    return {n: p.numpy().copy() for n, p in model.named_parameters() if not p.stop_gradient}
+
+
+def _set_values(model, values: dict) -> None:
+    params = dict(model.named_parameters())
+    with paddle.no_grad():
+        for name, value in values.items():
+            params[name].set_value(value)
 
 
 def _calibrate(model, loaders, task, num_classes, class_names, thresholds, eval_loss, amp, opts, say, calibration):

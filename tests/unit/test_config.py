@@ -53,7 +53,11 @@ def test_recipe_defaults():
                      image_col=None, label_cols=None, grade_col=None, split_col=None, val_ratio=0.15,
                      test_ratio=0.15, split_seed=0, image_root=None, left_col=None, right_col=None,
                      patient_col=None, eye_mode='dual', sheet=None, allow_outside_paths=False,
-                     skip_image_check=False, patience=0, calibrate=False, explain=None)
+                     skip_image_check=False, patience=0, calibrate=False, explain=None,
+                     # issue 12: the model family, adaptation and the evaluation protocol
+                     model_arch=None, adaptation='finetune', lp_cached_features=False, lora_rank=8,
+                     lora_alpha=16.0, lora_dropout=0.0, dataratio='1.0', stratified=False, seeds=0, kfold=0,
+                     fold=None, external='')
     got = vars(cfg)
     for key, value in {**expected, **additions}.items():
         assert got[key] == value, key

@@ -15,12 +15,12 @@ from util.datasets.base import (
                                 DataOptions,
                                 RetinaDataset,
                                 build_dataset,
-                                build_splits,
                                 has_table_layout,
                                 list_dataset_formats,
                                 register_dataset_format,
                                 resolve_task,
 )
+from util.datasets.build import build_splits
 from util.datasets.folder import ImageFolderDataset
 from util.datasets.npz import NpzDataset
 

@@ -67,6 +67,11 @@ class DataOptions:
     task_type: str | None = None
     sheet: str | None = None              # .xlsx: the sheet holding the table (default: the first)
     allow_outside_paths: bool = False     # image paths may leave the table's folder / image_root
+    kfold: int = 0                        # --kfold K: K-fold cross-validation, the test split is fold
+    fold: int | None = None               # ``fold`` (0..K-1) of util/datasets/folds.py
+    dataratio: str = '1.0'                # build_splits trains on this share of the train split (subsample.py),
+    stratified: bool = False              # drawn per class or not,
+    seed: int = 0                         # with this seed (the run's --seed)
 
     def validate(self) -> 'DataOptions':
         for name, value in (('--val_ratio', self.val_ratio), ('--test_ratio', self.test_ratio)):
@@ -280,28 +285,3 @@ def has_table_layout(data_path: str) -> bool:
     """A directory holding ``train.csv`` (or .xlsx/.xls): the table formats' layout, not class folders."""
     return os.path.isdir(data_path) and any(os.path.isfile(os.path.join(data_path, f'train{ext}'))
                                             for ext in ('.csv', '.xlsx', '.xls'))
-
-
-def build_splits(data_path: str, splits, num_classes: int | None = None, fmt: str | None = None,
-                 options: DataOptions | None = None, say=print) -> dict:
-    """``build_dataset`` for each of ``splits``, checked against each other (same classes and task), with each
-    split's description, notes and missing-class warnings said once."""
-    datasets = {split: build_dataset(split, data_path, None, num_classes=num_classes, fmt=fmt, options=options)
-                for split in splits}
-    first = datasets[splits[0]]
-    class_names = list(first.class_names)
-    said = set()
-    for split, ds in datasets.items():
-        if list(ds.class_names) != class_names or ds.task_type != first.task_type:
-            raise UserError(f"{data_path}/{split}: classes {list(ds.class_names)} ({ds.task_type}) differ from "
-                            f"{splits[0]}'s {class_names} ({first.task_type}); use the same classes in every split")
-        say(ds.describe())
-        for note in getattr(ds, "notes", []):
-            if note not in said:  # the splits of one table share their notes
-                said.add(note)
-                say(note if note.startswith("warning: ") else f"note: {note}")
-        missing = [c for c, n in zip(ds.class_names, ds.class_counts()) if n == 0]
-        if missing and split != "train":
-            say(f"warning: {split} split has no {'positive ' if ds.task_type == 'multi_label' else ''}images of "
-                f"class(es) {missing}: their AUROC is undefined (NaN) on it")
-    return datasets

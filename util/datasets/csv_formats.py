@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from util.datasets.base import DataOptions, RetinaDataset, has_table_layout, register_dataset_format, resolve_task
+from util.datasets.folds import fold_splits
 from util.datasets.image_paths import ImageResolver, clean_path, is_inside
 from util.datasets.splits import assign_splits
 from util.datasets.tables import (
@@ -159,8 +160,8 @@ class TableDataset(RetinaDataset):
             self.where = src.where
             self._groups = None
             self._parse(src, options, num_classes)
-        assignment, self.test_is_val, notes = assign_splits(src, options, self._strat, self._groups,
-                                                            self.patient_col)
+        assignment, self.test_is_val, notes = (fold_splits if options.kfold else assign_splits)(
+            src, options, self._strat, self._groups, self.patient_col)
         self.notes += notes[split]
         self._check_groups(assignment)
         wanted = 'val' if split == 'test' and self.test_is_val else split

@@ -19,6 +19,7 @@ from util.datasets.base import (
     register_dataset_format,
     resolve_task,
 )
+from util.datasets.folds import take_folder_fold
 from util.errors import UserError
 from util.image_io import IMG_EXTENSIONS, is_visible, scan_images
 
@@ -63,6 +64,9 @@ class ImageFolderDataset(RetinaDataset):
         options = options or DataOptions()
         self.task_type = resolve_task(data_path, 'folder', 'single_label', ('single_label', 'regression'),
                                  options.task_type)
+        if options.kfold:  # every split folder pooled, then re-split by fold (util/datasets/folds.py)
+            take_folder_fold(self, data_path, split, num_classes, options)
+            return
         folder = _split_folder(data_path, split)
         if folder is None and split == 'test' and _split_folder(data_path, 'train') == 'training':
             folder = _split_folder(data_path, 'val')
