@@ -89,12 +89,12 @@ def _meta_value(meta: dict, where: tuple) -> Any:
     return value
 
 
-def _same(key: str, given: Any, saved: Any) -> bool:
-    if key == "model":
+def _same(key: str, given: Any, saved: Any, model_arch: str | None = None) -> bool:
+    if key == "model":  # (``model_arch``: the reference's --model Dinov2 --model_arch dinov2_vitl14)
         from models import resolve_model_name
 
         try:
-            return resolve_model_name(given) == resolve_model_name(saved)
+            return resolve_model_name(given, model_arch) == resolve_model_name(saved)
         except UserError:
             return False
     if isinstance(given, float) or isinstance(saved, float):
@@ -122,7 +122,8 @@ def _restore_training(cfg, explicit: dict, run_config: dict | None) -> list[str]
     if run_config is None:
         return []  # a checkpoint outside its run folder: the flags (and the resume check of its meta) decide
     clashes = [f"{_flag(k)} {explicit[k]!r} (the run used {v!r})" for k, v in run_config.items()
-               if k in explicit and k not in RESUME_MAY_CHANGE and not _same(k, explicit[k], v)]
+               if k in explicit and k not in RESUME_MAY_CHANGE
+               and not _same(k, explicit[k], v, explicit.get("model_arch"))]
     if clashes:
         raise UserError(f"--resume {cfg.resume}: the command line changes the run: " + "; ".join(clashes)
                         + f" (a resumed run keeps its config, {os.path.join(run_dir, RUN_CONFIG)}; only "
@@ -151,7 +152,7 @@ def _restore_eval(cfg, explicit: dict, run_config: dict | None) -> list[str]:
         if saved is None and key != "crop_pct":
             continue
         if key in explicit:
-            if not _same(key, explicit[key], saved):
+            if not _same(key, explicit[key], saved, explicit.get("model_arch")):
                 clashes.append(f"{_flag(key)} {explicit[key]!r} (the checkpoint's is {saved!r})")
             continue
         if saved is not None and getattr(cfg, key, None) != saved:

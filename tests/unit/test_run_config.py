@@ -95,3 +95,11 @@ def test_resume_may_change_the_schedule_length_but_not_the_recipe(tmp_path):
     assert (cfg.output_dir, cfg.task) == (str(tmp_path), "run")  # the folder the checkpoint is in
     with pytest.raises(UserError, match=r"--blr 0.001 \(the run used 0.005\)"):
         rc.restore_run(argparse.Namespace(**{**vars(cfg), "resume": str(ckpt)}), {"blr": 1e-3}, saved)
+
+
+def test_the_references_dinov2_spelling_names_the_same_model():
+    """``--model Dinov2 --model_arch dinov2_vitl14`` (the reference's spelling) is the model a checkpoint records
+    as dinov2_vitl14, so it does not clash with it; another arch does."""
+    assert rc._same("model", "Dinov2", "dinov2_vitl14", "dinov2_vitl14")
+    assert not rc._same("model", "Dinov2", "dinov2_vitl14", "dinov2_vitb14")
+    assert rc._same("model", "RETFound_dinov2", "retfound_dinov2")
