@@ -28,7 +28,7 @@ import os
 import numpy as np
 
 from util.datasets.base import SPLITS, DataOptions
-from util.datasets.splits import _stratum_keys, stratified_assign
+from util.datasets.splits import _stratum_keys, group_labels, stratified_assign
 from util.datasets.tables import TableSource, find_split_col
 from util.errors import UserError
 
@@ -58,12 +58,7 @@ def assign_folds(labels: np.ndarray, groups, k: int, seed: int) -> np.ndarray:
     if num_groups < k:
         raise UserError(f"--kfold {k}: the data has {num_groups} {'patients' if groups is not None else 'images'} "
                         f"(at least {k}, one per fold); pass a smaller --kfold")
-    if labels.ndim == 2:
-        glab = np.zeros((num_groups, labels.shape[1]), dtype=np.float64)
-        np.maximum.at(glab, gid, labels)
-    else:
-        _, first_row = np.unique(gid, return_index=True)
-        glab = np.asarray(labels, dtype=np.float64)[first_row]
+    glab = group_labels(labels, gid, num_groups)
     size = np.bincount(gid, minlength=num_groups)
     keys = _stratum_keys(glab, k)  # multi-label combinations seen fewer than k times pooled
     rng = np.random.default_rng(seed)

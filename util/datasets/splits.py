@@ -36,6 +36,17 @@ from util.datasets.tables import SPLIT_ALIASES, TableSource, find_split_col
 from util.errors import UserError
 
 
+def group_labels(labels: np.ndarray, gid: np.ndarray, num_groups: int) -> np.ndarray:
+    """The label of each group (patient): a multi-label row is the union of its rows' labels, a single label
+    the first row's (a patient's rows share it)."""
+    if labels.ndim == 2:
+        glab = np.zeros((num_groups, labels.shape[1]), dtype=np.float64)
+        np.maximum.at(glab, gid, labels)
+        return glab
+    _, first_row = np.unique(gid, return_index=True)
+    return np.asarray(labels, dtype=np.float64)[first_row]
+
+
 def _stratum_keys(labels: np.ndarray, min_count: int) -> list:
     """Stratum of each group: its class/grade; multi-label: its label combination, combinations seen fewer
     than ``min_count`` times pooled by their rarest positive label (all-negative rare ones together)."""
@@ -68,12 +79,7 @@ def stratified_assign(labels: np.ndarray, groups: np.ndarray | None, fractions: 
         _, first, gid = np.unique(np.asarray(groups, dtype=str), return_index=True, return_inverse=True)
         gid = np.argsort(np.argsort(first))[gid]  # number groups by first appearance, not by name
     num_groups = int(gid.max()) + 1 if n else 0
-    if labels.ndim == 2:
-        glab = np.zeros((num_groups, labels.shape[1]), dtype=np.float64)
-        np.maximum.at(glab, gid, labels)
-    else:
-        _, first_row = np.unique(gid, return_index=True)
-        glab = np.asarray(labels, dtype=np.float64)[first_row]
+    glab = group_labels(labels, gid, num_groups)
     min_count = math.ceil(1.0 / min(f for f in fractions.values() if f > 0))
     keys = _stratum_keys(glab, min_count)
     rng = np.random.default_rng(seed)
