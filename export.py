@@ -28,6 +28,7 @@ import tempfile
 import time
 import warnings
 
+from util.blas import select_mkl
 from util.errors import UserError
 from util.exported import EXPORT_LAYOUT as LAYOUT
 from util.exported import EXPORT_LAYOUT_VERSION as LAYOUT_VERSION
@@ -35,6 +36,7 @@ from util.exported import EXPORT_METADATA as METADATA
 from util.threads import math_threads
 
 MATH_THREADS = math_threads()  # before Paddle's import, handed to it after (util/threads.py)
+select_mkl()  # before Paddle's import: its matrix products on the current MKL (util/blas.py)
 warnings.filterwarnings("ignore", message="No ccache found")
 
 PREFIX = "inference"          # inference.json + inference.pdiparams

@@ -21,11 +21,13 @@ import warnings
 import numpy as np
 
 from util.adaptation import Adaptation, is_ratio_sweep
+from util.blas import select_mkl
 from util.protocol.ratios import run_ratio_sweep
 from util.threads import math_threads
 from util.weights_files import find_weights
 
 MATH_THREADS = math_threads()  # before Paddle's import, handed to it in main() (util/threads.py says why)
+BLAS = select_mkl()  # before Paddle's import: its matrix products on the current MKL (util/blas.py says why)
 os.environ.setdefault("GLOG_minloglevel", "1")  # Paddle's C++ INFO lines (warnings and errors still show)
 warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's, at import: a C++ compiler cache
 
@@ -65,6 +67,7 @@ def main(cfg) -> dict:
     for line in cfg._notes + config_warnings(cfg):
         say(line)
     device, amp = select_device(cfg.device, cfg.amp, cfg.amp_dtype, say)
+    say(f"CPU math: {MATH_THREADS} thread(s), {BLAS}")
     seed = seed_everything(cfg.seed + D.get_rank())
     model_name = resolve_model_name(cfg.model, cfg.model_arch)
     data_name = os.path.splitext(os.path.basename(os.path.normpath(cfg.data_path)))[0]

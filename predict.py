@@ -60,11 +60,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from util.blas import select_mkl
 from util.errors import UserError
 from util.predict_inputs import Item, Labels, image_items, table_items, table_labels
 from util.threads import available_cores, math_threads
 
 MATH_THREADS = math_threads()  # before Paddle's import, handed to it after (util/threads.py)
+select_mkl()  # before Paddle's import: its matrix products on the current MKL (util/blas.py)
 warnings.filterwarnings("ignore", message="No ccache found")
 
 DECODE_THREADS = 4  # at most: images are decoded and transformed by this many threads while the model runs

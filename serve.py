@@ -62,10 +62,12 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from util.blas import select_mkl
 from util.errors import UserError
 from util.threads import math_threads
 
 MATH_THREADS = math_threads()  # before Paddle's import, handed to it after (util/threads.py)
+select_mkl()  # before Paddle's import: its matrix products on the current MKL (util/blas.py)
 warnings.filterwarnings("ignore", message="No ccache found")
 
 ROUTES = {"/health": "GET", "/predict": "POST"}
