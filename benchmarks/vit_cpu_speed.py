@@ -41,12 +41,20 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (our registered model, embed dim, depth, heads)
+# name -> (our registered model, embed dim, depth, heads) for the ViTs; (ours, timm's name, input size) for CNNs
 MODELS = {
     "base": ("vit_base_patch16", 768, 12, 12),
     "large": ("retfound_mae", 1024, 24, 16),
     "test": ("vit_test", 32, 2, 2),
 }
+CNNS = {
+    "resnet50": ("resnet50", "resnet50", 224),
+    "efficientnet_b4": ("efficientnet_b4", "efficientnet_b4", 380),
+    "convnext_small": ("convnext_small", "convnext_small", 224),
+    "cnn_test": ("resnet50_test", "resnet18", 32),
+}
+# the Paddle sides: the current MKL (util/blas.py, as the toolkit runs) and the MKLML Paddle's wheel bundles
+PADDLE_SIDES = {"paddle": "", "paddle_bundled_mkl": "bundled"}
 NUM_CLASSES = 5
 DROP_PATH = 0.1
 WEIGHT_DECAY = 0.05
@@ -69,6 +77,9 @@ def _time_steps(step, warmup: int, steps: int) -> list[float]:
 
 def worker_paddle(a: argparse.Namespace) -> dict:
     sys.path.insert(0, REPO)
+    from util.blas import loaded_blas, select_mkl
+
+    blas = select_mkl()  # as the entry points do (RETFOUND_MKL=bundled for the bundled side)
     import numpy as np
     import paddle
 
@@ -77,17 +88,20 @@ def worker_paddle(a: argparse.Namespace) -> dict:
     from util.lr_decay import build_optimizer
 
     paddle.seed(0)
-    name = MODELS[a.model][0]
-    model = models.create_model(name, num_classes=NUM_CLASSES, drop_path_rate=DROP_PATH, global_pool=True,
-                                input_size=a.input_size)
+    if a.model in CNNS:  # no stochastic depth on either side for the CNNs
+        model = models.create_model(CNNS[a.model][0], num_classes=NUM_CLASSES, input_size=a.input_size)
+    else:
+        model = models.create_model(MODELS[a.model][0], num_classes=NUM_CLASSES, drop_path_rate=DROP_PATH,
+                                    global_pool=True, input_size=a.input_size)
     rng = np.random.default_rng(0)
     x = paddle.to_tensor(rng.standard_normal((a.batch_size, 3, a.input_size, a.input_size), dtype=np.float32))
     y = paddle.to_tensor(rng.integers(0, NUM_CLASSES, a.batch_size).astype(np.int64))
     if a.paddle_groups == "lrd":
         opt = build_optimizer(model, LR, weight_decay=WEIGHT_DECAY, layer_decay=LAYER_DECAY)
     else:
-        decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in model.no_weight_decay()]
-        no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and n not in model.no_weight_decay())]
+        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+        decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in skip]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and n not in skip)]
         opt = paddle.optimizer.AdamW(learning_rate=LR, weight_decay=WEIGHT_DECAY, parameters=[
             {"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}])
 
@@ -113,6 +127,8 @@ def worker_paddle(a: argparse.Namespace) -> dict:
             flags.update(paddle.get_flags([f]))
         except Exception:  # flag not known in this build
             pass
+    flags["blas"] = blas
+    flags["loaded"] = [os.path.basename(p) for p in loaded_blas() if "libmkl_rt" in p or "libmklml" in p]
     return {"train_times": train_times, "infer_times": infer_times,
             "version": f"paddle {paddle.__version__}", "groups": len(opt._param_groups), "flags": flags}
 
@@ -131,11 +147,13 @@ def worker_torch(a: argparse.Namespace) -> dict:
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    _, dim, depth, heads = MODELS[a.model]
-    # RETFound's model: timm VisionTransformer, mean pooling over patch tokens -> fc_norm -> head
-    model = VisionTransformer(img_size=a.input_size, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads,
-                              mlp_ratio=4, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                              num_classes=NUM_CLASSES, drop_path_rate=DROP_PATH, global_pool="avg")
+    if a.model in CNNS:
+        model = timm.create_model(CNNS[a.model][1], num_classes=NUM_CLASSES)
+    else:  # RETFound's model: timm VisionTransformer, mean pooling over patch tokens -> fc_norm -> head
+        _, dim, depth, heads = MODELS[a.model]
+        model = VisionTransformer(img_size=a.input_size, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads,
+                                  mlp_ratio=4, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                                  num_classes=NUM_CLASSES, drop_path_rate=DROP_PATH, global_pool="avg")
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.standard_normal((a.batch_size, 3, a.input_size, a.input_size), dtype=np.float32))
     y = torch.from_numpy(rng.integers(0, NUM_CLASSES, a.batch_size).astype(np.int64))
@@ -174,11 +192,16 @@ def _run_worker(side: str, a: argparse.Namespace) -> dict:
     env["OMP_NUM_THREADS"] = str(a.threads)
     env["MKL_NUM_THREADS"] = str(a.threads)
     env["PYTHONWARNINGS"] = "ignore"
-    if side == "paddle":
+    if side in PADDLE_SIDES:
+        env.pop("FLAGS_mklml_dir", None)
+        env.pop("RETFOUND_MKL", None)
+        if PADDLE_SIDES[side]:
+            env["RETFOUND_MKL"] = PADDLE_SIDES[side]
         for kv in a.paddle_env:
             k, _, v = kv.partition("=")
             env[k] = v
-    cmd = [a.paddle_python if side == "paddle" else a.torch_python, os.path.abspath(__file__), "--worker", side,
+    worker = "paddle" if side in PADDLE_SIDES else side
+    cmd = [a.paddle_python if worker == "paddle" else a.torch_python, os.path.abspath(__file__), "--worker", worker,
            "--model", a.model, "--batch_size", str(a.batch_size), "--input_size", str(a.input_size),
            "--threads", str(a.threads), "--warmup", str(a.warmup), "--steps", str(a.steps),
            "--paddle_groups", a.paddle_groups]
@@ -213,13 +236,29 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _cpu_flags() -> str:
+    """The SIMD flags that decide the kernels: avx2, the AVX-512 family's base, bf16 and AMX."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    shown = [x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if x in flags]
+    return " ".join(shown) or "none read"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(MODELS), default="base",
-                   help="base = ViT-B/16 (default), large = ViT-L/16 (RETFound), test = tiny smoke test")
+    p.add_argument("--model", choices=sorted(MODELS) + sorted(CNNS), default="base",
+                   help="base = ViT-B/16 (default), large = ViT-L/16 (RETFound), test = tiny smoke test; the CNNs "
+                        "(timm's model of the same name on the torch side; cnn_test = tiny smoke test)")
     p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--input_size", type=int, default=None,
+                   help="default 224 (EfficientNet-B4: 380, its native size; cnn_test: 32)")
+    p.add_argument("--mkl", choices=["both", "current", "bundled"], default="both",
+                   help="the Paddle side(s): the current MKL the toolkit loads (util/blas.py), Paddle's bundled "
+                        "MKLML (RETFOUND_MKL=bundled), or both side by side (default)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS / torch.set_num_threads for both sides")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; each round runs both sides once")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones (train and eval)")
@@ -236,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="Python of an environment with torch + timm (default: $TORCH_PYTHON, else python)")
     p.add_argument("--worker", choices=["paddle", "torch"], default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.input_size is None:
+        a.input_size = CNNS[a.model][2] if a.model in CNNS else 224
 
     if a.worker:
         res = worker_paddle(a) if a.worker == "paddle" else worker_torch(a)
@@ -244,20 +285,25 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"machine: {_cpu_name()}, nproc {os.cpu_count()}, Python {platform.python_version()}, {_load()} "
           f"(before)")
-    print(f"workload: ViT-{a.model} ({MODELS[a.model][0]}), batch {a.batch_size}, {a.input_size}px, fp32, "
+    print(f"CPU flags: {_cpu_flags()}")
+    label = f"{a.model} ({CNNS[a.model][0]} / timm {CNNS[a.model][1]})" if a.model in CNNS else \
+        f"ViT-{a.model} ({MODELS[a.model][0]})"
+    print(f"workload: {label}, batch {a.batch_size}, {a.input_size}px, fp32, "
           f"{a.threads} threads, {a.warmup} warmup + {a.steps} timed steps, {a.rounds} alternating rounds"
           + (f", paddle env {' '.join(a.paddle_env)}" if a.paddle_env else ""))
-    results: dict[str, list[dict]] = {"paddle": [], "torch": []}
+    paddle_sides = {"both": list(PADDLE_SIDES), "current": ["paddle"], "bundled": ["paddle_bundled_mkl"]}[a.mkl]
+    sides = [*paddle_sides, "torch"]
+    results: dict[str, list[dict]] = {s: [] for s in sides}
     t_start = time.time()
     for r in range(a.rounds):
-        order = ("paddle", "torch") if r % 2 == 0 else ("torch", "paddle")
+        order = sides[r % len(sides):] + sides[:r % len(sides)]  # each side leads a round in turn
         for side in order:
             res = _run_worker(side, a)
             res["train_img_s"] = _img_s(a.batch_size, res["train_times"])
             res["infer_img_s"] = _img_s(a.batch_size, res["infer_times"])
             res["load_after"] = _load()
             results[side].append(res)
-            print(f"  round {r + 1} {side:6s}: train {res['train_img_s']:7.3f} img/s, "
+            print(f"  round {r + 1} {side:18s}: train {res['train_img_s']:7.3f} img/s, "
                   f"infer {res['infer_img_s']:7.3f} img/s   ({res['load_after']})", flush=True)
 
     med = {s: {k: statistics.median(x[k] for x in results[s]) for k in ("train_img_s", "infer_img_s")}
@@ -265,24 +311,32 @@ def main(argv: list[str] | None = None) -> None:
     rng = {s: {k: (min(x[k] for x in results[s]), max(x[k] for x in results[s]))
                for k in ("train_img_s", "infer_img_s")} for s in results}
     print()
-    print(f"versions: {results['paddle'][0]['version']} ({results['paddle'][0]['groups']} optimizer groups, "
-          f"{results['paddle'][0]['flags']}); {results['torch'][0]['version']} "
-          f"({results['torch'][0]['groups']} optimizer groups, {results['torch'][0]['flags']})")
-    print(f"{'':18s}{'train img/s':>22s}{'inference img/s':>26s}")
-    for s in ("paddle", "torch"):
+    for s in paddle_sides:
+        print(f"versions: {s}: {results[s][0]['version']} ({results[s][0]['groups']} optimizer groups, "
+              f"{results[s][0]['flags']})")
+    print(f"versions: torch: {results['torch'][0]['version']} ({results['torch'][0]['groups']} optimizer groups, "
+          f"{results['torch'][0]['flags']})")
+    print(f"{'':30s}{'train img/s':>22s}{'inference img/s':>26s}")
+    for s in sides:
         tr, inf = med[s]["train_img_s"], med[s]["infer_img_s"]
         (tl, th), (il, ih) = rng[s]["train_img_s"], rng[s]["infer_img_s"]
-        print(f"{s:18s}{tr:8.3f} [{tl:.3f}-{th:.3f}]{inf:12.3f} [{il:.3f}-{ih:.3f}]")
-    rt = med["paddle"]["train_img_s"] / med["torch"]["train_img_s"]
-    ri = med["paddle"]["infer_img_s"] / med["torch"]["infer_img_s"]
-    print(f"{'ratio paddle/torch':18s}{rt:8.3f}{'':14s}{ri:12.3f}")
+        print(f"{s:30s}{tr:8.3f} [{tl:.3f}-{th:.3f}]{inf:12.3f} [{il:.3f}-{ih:.3f}]")
+    ratios = {}
+    for s in paddle_sides:
+        rt = med[s]["train_img_s"] / med["torch"]["train_img_s"]
+        ri = med[s]["infer_img_s"] / med["torch"]["infer_img_s"]
+        ratios[s] = {"train": rt, "infer": ri}
+        print(f"{'ratio ' + s + '/torch':30s}{rt:8.3f}{'':14s}{ri:12.3f}")
+    if len(paddle_sides) == 2:
+        cur, old = med["paddle"], med["paddle_bundled_mkl"]
+        print(f"{'ratio current/bundled MKL':30s}{cur['train_img_s'] / old['train_img_s']:8.3f}{'':14s}"
+              f"{cur['infer_img_s'] / old['infer_img_s']:12.3f}")
     print(f"(medians over {a.rounds} rounds, [min-max]; sides alternate round by round so both see the same "
           f"machine load - compare ratios, not absolute numbers, between runs; {_load()} (after), "
           f"wall time {time.time() - t_start:.0f} s)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "results": results, "median": med,
-                       "ratio": {"train": rt, "infer": ri}}, f, indent=1)
+            json.dump({"args": vars(a), "results": results, "median": med, "ratio": ratios}, f, indent=1)
 
 
 if __name__ == "__main__":
