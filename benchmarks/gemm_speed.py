@@ -123,6 +123,19 @@ def worker(a: argparse.Namespace) -> dict:
     return out
 
 
+ISA_HELP = ("native (default): each library picks its kernels for this CPU; avx2: every side capped at AVX2 "
+            "(MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY), an approximation of an AVX2-only "
+            "CPU on an AVX-512 one: same cores, caches and clock, so not a measurement of such a machine")
+
+
+def isa_caps(isa: str) -> dict:
+    """The environment that caps MKL, oneDNN and PyTorch's own kernels at ``isa`` (empty for native)."""
+    if isa == "native":
+        return {}
+    return {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2",
+            "ATEN_CPU_CAPABILITY": "avx2"}
+
+
 SIDES = {"paddle": {}, "paddle_bundled_mkl": {"RETFOUND_MKL": "bundled"}, "torch": {}}
 
 
@@ -130,6 +143,7 @@ def _run(side: str, a: argparse.Namespace) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("FLAGS_mklml_dir", "RETFOUND_MKL", "MKL_THREADING_LAYER", "OMP_WAIT_POLICY")}
     env.update(SIDES[side], OMP_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore", GLOG_minloglevel="2")
+    env.update(isa_caps(a.isa))
     python = a.torch_python if side == "torch" else sys.executable
     cmd = [python, os.path.abspath(__file__), "--worker", "torch" if side == "torch" else "paddle",
            "--threads", str(a.threads), "--batch", str(a.batch)] + (["--quick"] if a.quick else []) + \
@@ -166,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-backward", dest="backward", action="store_false", help="forward products only")
     p.add_argument("--quick", action="store_true", help="two small shapes, one round")
+    p.add_argument("--isa", choices=["native", "avx2"], default="native", help=ISA_HELP)
     p.add_argument("--json", default=None, help="also write every measurement to this file")
     p.add_argument("--worker", choices=["paddle", "torch"], default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -175,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.quick:
         a.rounds = 1
     sides = ["paddle", "paddle_bundled_mkl"] + (["torch"] if a.torch_python else [])
-    print(f"machine: {_cpu()}; {a.threads} threads; load average {os.getloadavg()[0]:.2f} (before)")
+    print(f"machine: {_cpu()}; {a.threads} threads; instructions {a.isa}; load average {os.getloadavg()[0]:.2f} (before)")
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     t0 = time.time()
     for r in range(a.rounds):

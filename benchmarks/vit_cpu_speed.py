@@ -186,12 +186,26 @@ def worker_torch(a: argparse.Namespace) -> dict:
             "flags": {"timm_fused_attn": bool(use_fused_attn()), "torch_threads": torch.get_num_threads()}}
 
 
+ISA_HELP = ("native (default): each library picks its kernels for this CPU; avx2: every side capped at AVX2 "
+            "(MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY), an approximation of an AVX2-only "
+            "CPU on an AVX-512 one: same cores, caches and clock, so not a measurement of such a machine")
+
+
+def isa_caps(isa: str) -> dict:
+    """The environment that caps MKL, oneDNN and PyTorch's own kernels at ``isa`` (empty for native)."""
+    if isa == "native":
+        return {}
+    return {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2",
+            "ATEN_CPU_CAPABILITY": "avx2"}
+
+
 # ------------------------------------------------------------------------------------------------ driver
 def _run_worker(side: str, a: argparse.Namespace) -> dict:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(a.threads)
     env["MKL_NUM_THREADS"] = str(a.threads)
     env["PYTHONWARNINGS"] = "ignore"
+    env.update(isa_caps(a.isa))
     if side in PADDLE_SIDES:
         env.pop("FLAGS_mklml_dir", None)
         env.pop("RETFOUND_MKL", None)
@@ -268,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
                         "plain = two groups like the torch side")
     p.add_argument("--paddle_env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment variable for the Paddle worker only (repeatable), e.g. FLAGS_use_mkldnn=1")
+    p.add_argument("--isa", choices=["native", "avx2"], default="native", help=ISA_HELP)
     p.add_argument("--json", default=None, help="also write all measurements to this JSON file")
     p.add_argument("--paddle-python", default=os.environ.get("PADDLE_PYTHON", sys.executable),
                    help="Python of the toolkit's (Paddle) environment (default: $PADDLE_PYTHON, else this interpreter)")
@@ -285,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"machine: {_cpu_name()}, nproc {os.cpu_count()}, Python {platform.python_version()}, {_load()} "
           f"(before)")
-    print(f"CPU flags: {_cpu_flags()}")
+    print(f"CPU flags: {_cpu_flags()}; instructions used: {a.isa}")
     label = f"{a.model} ({CNNS[a.model][0]} / timm {CNNS[a.model][1]})" if a.model in CNNS else \
         f"ViT-{a.model} ({MODELS[a.model][0]})"
     print(f"workload: {label}, batch {a.batch_size}, {a.input_size}px, fp32, "

@@ -14,15 +14,15 @@ folder whose ``libmklml_intel.so`` is the current MKL's single dynamic library, 
 functions (``cblas_*``, the VML ``vs*`` functions, ``MKL_Set_Num_Threads``). ``select_mkl`` makes that folder
 (symbolic links in a folder of the environment's ``lib``, else of the user's cache) and sets the flag.
 
-``MKL_THREADING_LAYER=INTEL`` (unless the user set it): MKL then runs its threads on the Intel OpenMP runtime
-(``libiomp5``) that Paddle's wheel bundles and has loaded already, the runtime its old MKLML used, rather than
-on a second one. ``OMP_WAIT_POLICY=PASSIVE`` (unless set): a thread that has finished its share of a parallel
-region sleeps instead of spinning for the next one. Paddle's process holds two OpenMP runtimes (GNU's for its
-own kernels, Intel's for MKL); with both spinning, the small products of a step waited for a thread the other
-runtime's spinning kept off its core: with another process keeping the 2 cores busy, a 64x32x32 product took
-up to 4.5 ms, and a tiny ViT's forward pass 170-420 ms instead of 2.3 ms with the threads sleeping (9-26 ms
-on the bundled MKLML). The thread count is still the one ``util.threads`` decides: Paddle's
-``set_num_threads`` calls ``MKL_Set_Num_Threads`` of whichever MKL is loaded.
+``MKL_THREADING_LAYER=GNU`` (unless the user set it): MKL runs its threads on GNU OpenMP (``libgomp``), which
+Paddle has loaded already for its own kernels. (In Paddle's process ``libmkl_rt`` takes its GNU layer even when
+asked for ``INTEL``; ``SEQUENTIAL`` gives one thread.) ``OMP_WAIT_POLICY=PASSIVE`` (unless set): a thread that has
+finished its share of a parallel region sleeps instead of spinning for the next one. Paddle's process holds two
+OpenMP runtimes (GNU's, and the Intel ``libiomp5`` its wheel bundles); with their threads spinning, the small
+products of a step waited for a thread that another spinning thread kept off its core: with another process
+keeping the 2 cores busy, a 64x32x32 product took up to 4.5 ms, and a tiny ViT's forward pass 170-420 ms
+instead of 2.3 ms with the threads sleeping (9-26 ms on the bundled MKLML). The thread count is still the one
+``util.threads`` decides: Paddle's ``set_num_threads`` calls ``MKL_Set_Num_Threads`` of whichever MKL is loaded.
 
 The products' results are not bit-identical to the old MKL's (a different blocking sums in a different
 order); they are as close to the exact product as before (``tests/unit/test_blas.py``).
@@ -102,7 +102,7 @@ def select_mkl(environ: MutableMapping[str, str] | None = None) -> str:
     if folder is None:
         return f"Paddle's bundled MKLML (no writable folder for the link to MKL {version})"
     env[FLAG] = folder
-    env.setdefault("MKL_THREADING_LAYER", "INTEL")
+    env.setdefault("MKL_THREADING_LAYER", "GNU")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when the OpenMP runtimes start: at Paddle's import
     if environ is None and "paddle" in sys.modules:  # imported already: the flag is read now, not at import
         import paddle
