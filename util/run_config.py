@@ -34,7 +34,7 @@ RUN_CONFIG = "config.yaml"
 RESUME_MAY_CHANGE = frozenset({
     "config", "resume", "eval", "epochs", "num_workers", "device", "print_freq", "pin_mem", "cache_dir",
     "skip_image_check", "log_dir", "savemodel", "weights_dir", "patience", "output_dir", "task", "world_size",
-    "local_rank", "dist_on_itp", "dist_url", "start_epoch", "calibrate", "explain",
+    "local_rank", "dist_on_itp", "dist_url", "start_epoch", "calibrate", "explain", "save_last_every", "async_save",
 })
 
 # The data's location and how to read it: restored for --eval only when --data_path is not given.

@@ -40,7 +40,13 @@ from util.metrics.calibration import (
     fit_temperature,
     negative_log_likelihood,
 )
-from util.outputs.checkpoint import atomic_save, load_checkpoint, load_optimizer_state_by_name, set_rng_state
+from util.outputs.checkpoint import (
+    CheckpointWriter,
+    atomic_save,
+    load_checkpoint,
+    load_optimizer_state_by_name,
+    set_rng_state,
+)
 from util.outputs.reports import format_metrics, format_per_class
 
 
@@ -77,6 +83,8 @@ class FitOptions:
     data_path: str = ""
     balanced_sampler: bool = False
     lp_cached_features: bool = False  # train the head on features computed once (util/lp_features.py)
+    save_last_every: int = 1  # checkpoint-last every N epochs (and at the last epoch, early stop, new best)
+    async_save: bool = False  # write checkpoints in a background thread (util.outputs.checkpoint.CheckpointWriter)
     info: dict = field(default_factory=dict)  # written to run_info.json
 
 
@@ -282,64 +290,88 @@ def fit(model, bare_model, loaders: dict, seeders: dict, task, num_classes: int,
         say(f"resume: the run had stopped early after {run.epochs_without_improvement} epoch(s) without a new best "
             f"val {opts.val_metric}; with --patience {opts.patience}" + (" (off)" if not opts.patience else "")
             + f" it trains on from epoch {run.start_epoch}")
+    if opts.save_last_every < 1 or int(opts.save_last_every) != opts.save_last_every:
+        raise UserError(f"--save_last_every {opts.save_last_every}: not a whole number of epochs >= 1 (1 writes "
+                        "checkpoint-last after every epoch); pass 1 or more")
+    if opts.save_last_every > 1 or opts.async_save:
+        say("checkpoints: " + ", ".join(
+            ([f"checkpoint-last every {opts.save_last_every} epochs, at the last one and with each new best (a "
+              f"crash loses up to {opts.save_last_every - 1} epoch(s))"] if opts.save_last_every > 1 else [])
+            + (["written in a background thread from a copy in memory (as large as checkpoint-last, kept for "
+                "the run)"]
+               if opts.async_save else [])))
     last_epoch = run.start_epoch - 1  # the run's last trained epoch (-1: none)
     kept: dict = {}  # lp_cached_features: (epoch, trainable values, val stats) of the best and the last epoch
+    writer = CheckpointWriter(background=opts.async_save)
 
-    def save(epoch: int, val_stats: dict, improved: bool) -> None:
+    def save(epoch: int, val_stats: dict, improved: bool, last: bool = True) -> None:
+        # checkpoint-best is a plain model (predict.py, export.py): a LoRA model's adapters merged into qkv.weight
+        lora_best = improved and recorder.enabled and recorder.savemodel and has_lora(bare_model)
+        merged = merged_state_dict(bare_model) if lora_best else None
         recorder.checkpoints(epoch, model=bare_model, optimizer=training.optimizer, scaler=training.scaler,
                              schedule=training.schedule, val_stats=val_stats, val_metric=opts.val_metric,
                              improved=improved, best_score=run.best_score, best_epoch=run.best_epoch,
                              best_thresholds=run.best_thresholds,
                              epochs_without_improvement=run.epochs_without_improvement,
-                             stopped_early=run.stopped_early)
-        best_path = recorder.path("checkpoint-best.pdparams")
-        if improved and recorder.enabled and has_lora(bare_model) and os.path.isfile(best_path):
-            # checkpoint-best is a plain model (predict.py, export.py): the adapters merged into qkv.weight
-            atomic_save({**load_checkpoint(best_path), "model": merged_state_dict(bare_model)}, best_path)
+                             stopped_early=run.stopped_early, save_last=last, best_model_state=merged,
+                             writer=writer)
+
+    def last_due(epoch: int, improved: bool) -> bool:
+        """--save_last_every N: checkpoint-last at every Nth epoch, the final one, an early stop, and with every
+        new checkpoint-best (as PyTorch Lightning's ``save_last`` does), so a resumed run never meets a
+        checkpoint-best from an epoch after the one it resumes from; a crash loses at most N - 1 epochs."""
+        return (improved or run.stopped_early or (epoch + 1) % opts.save_last_every == 0
+                or epoch + 1 >= opts.epochs)
 
     t0 = time.time()
-    for epoch in epochs:
-        loaders["train"].batch_sampler.set_epoch(epoch)
-        seeders["train"].base = opts.seed * 100003 + epoch * 7
-        train_stats, global_step = engine.train_one_epoch(
-            model, criterion, loaders["train"], training.optimizer, epoch, schedule=training.schedule,
-            accum_iter=opts.accum_iter, clip_grad=opts.clip_grad, scaler=training.scaler, amp=amp, logger=logger,
-            print_freq=opts.print_freq, global_step=global_step, epochs=opts.epochs)
-        val_stats, _, _ = engine.evaluate(model, loaders["val"], task, num_classes, loss_fn=eval_loss,
-                                          tune=training.tune, class_names=class_names, amp=amp, header="Val",
-                                          print_freq=opts.print_freq)
-        training.schedule.epoch_end(epoch, val_stats.get(training.plateau_metric))
-        score = task.selection_value(val_stats, opts.val_metric)
-        improved = run.record(epoch, score, val_stats.get("thresholds"))
-        # every rank computed val_stats from the same gathered rows (engine.evaluate), so all of them take
-        # the same decision here without another collective
-        run.stopped_early = run.patience_exhausted(opts.patience) and epoch + 1 < opts.epochs
-        say(f"Epoch {epoch}: train loss {train_stats['loss']:.4f}, "
-            + format_metrics("val", val_stats, ["val_loss", *headline])
-            + (" (best)" if improved else f" (best {opts.val_metric} at epoch {run.best_epoch})"))
-        if opts.per_class_report:
-            say(format_per_class(val_stats.get("per_class", [])))
-        recorder.epoch(epoch, train_stats, val_stats, opts.info["n_parameters"])
-        if opts.lp_cached_features:  # only the head changes: its states are kept, the files written at the end
-            if improved:
-                kept["best"] = (epoch, _trainable_values(bare_model), val_stats)
-            kept["last"] = (epoch, None, val_stats)
-        else:
-            save(epoch, val_stats, improved)
-        D.barrier()
-        last_epoch = epoch
-        if run.stopped_early:
-            say(f"Early stopping at epoch {epoch}: no new best val {opts.val_metric} for "
-                f"{run.epochs_without_improvement} epoch(s) (--patience {opts.patience}); best {opts.val_metric} "
-                f"{_metric_value(task, opts.val_metric, run.best_score):.4f} at epoch {run.best_epoch}")
-            break
-    if "last" in kept:  # lp_cached_features: the best and the last head of this run's epochs, written now
-        if "best" in kept:
-            final = _trainable_values(bare_model)
-            _set_values(bare_model, kept["best"][1])
-            save(kept["best"][0], kept["best"][2], True)
-            _set_values(bare_model, final)
-        save(kept["last"][0], kept["last"][2], False)
+    try:
+        for epoch in epochs:
+            loaders["train"].batch_sampler.set_epoch(epoch)
+            seeders["train"].base = opts.seed * 100003 + epoch * 7
+            train_stats, global_step = engine.train_one_epoch(
+                model, criterion, loaders["train"], training.optimizer, epoch, schedule=training.schedule,
+                accum_iter=opts.accum_iter, clip_grad=opts.clip_grad, scaler=training.scaler, amp=amp,
+                logger=logger, print_freq=opts.print_freq, global_step=global_step, epochs=opts.epochs)
+            val_stats, _, _ = engine.evaluate(model, loaders["val"], task, num_classes, loss_fn=eval_loss,
+                                              tune=training.tune, class_names=class_names, amp=amp, header="Val",
+                                              print_freq=opts.print_freq)
+            training.schedule.epoch_end(epoch, val_stats.get(training.plateau_metric))
+            score = task.selection_value(val_stats, opts.val_metric)
+            improved = run.record(epoch, score, val_stats.get("thresholds"))
+            # every rank computed val_stats from the same gathered rows (engine.evaluate), so all of them take
+            # the same decision here without another collective
+            run.stopped_early = run.patience_exhausted(opts.patience) and epoch + 1 < opts.epochs
+            say(f"Epoch {epoch}: train loss {train_stats['loss']:.4f}, "
+                + format_metrics("val", val_stats, ["val_loss", *headline])
+                + (" (best)" if improved else f" (best {opts.val_metric} at epoch {run.best_epoch})"))
+            if opts.per_class_report:
+                say(format_per_class(val_stats.get("per_class", [])))
+            recorder.epoch(epoch, train_stats, val_stats, opts.info["n_parameters"])
+            if opts.lp_cached_features:  # only the head changes: its states are kept, the files written at the end
+                if improved:
+                    kept["best"] = (epoch, _trainable_values(bare_model), val_stats)
+                kept["last"] = (epoch, None, val_stats)
+            else:
+                save(epoch, val_stats, improved, last=last_due(epoch, improved))
+            D.barrier()
+            last_epoch = epoch
+            if run.stopped_early:
+                say(f"Early stopping at epoch {epoch}: no new best val {opts.val_metric} for "
+                    f"{run.epochs_without_improvement} epoch(s) (--patience {opts.patience}); best "
+                    f"{opts.val_metric} {_metric_value(task, opts.val_metric, run.best_score):.4f} at epoch "
+                    f"{run.best_epoch}")
+                break
+        if "last" in kept:  # lp_cached_features: the best and the last head of this run's epochs, written now
+            if "best" in kept:
+                final = _trainable_values(bare_model)
+                _set_values(bare_model, kept["best"][1])
+                save(kept["best"][0], kept["best"][2], True, last=False)
+                _set_values(bare_model, final)
+            save(kept["last"][0], kept["last"][2], False)
+        writer.close()  # the last write done (or its error raised) before the files are read
+    except BaseException as exc:  # Ctrl-C included: the write in flight still lands, a failed one is noted
+        writer.abandon(exc)
+        raise
     say(f"Training time {time.time() - t0:.0f}s; best val {opts.val_metric} at epoch {run.best_epoch}")
     recorder.curves(run.best_epoch, headline)
     if has_lora(bare_model):  # the test (and anything after it) sees the plain model checkpoint-best holds

@@ -339,13 +339,13 @@ def test_full_or_read_only_disk_during_a_save_is_a_clear_error_and_keeps_the_pre
     assert main_finetune.cli(_tiny(class_folders, tmp_path, "t", epochs=1)) == 0
     last = tmp_path / "t" / "checkpoint-last.pdparams"
     before = last.read_bytes()
-    real = paddle.save
+    real = util.outputs.checkpoint.pickle_checkpoint
 
     def failing_save(obj, path, *a, **k):
         real(obj, path, *a, **k)
         raise OSError(errno_, os.strerror(errno_), path)
 
-    monkeypatch.setattr(util.outputs.checkpoint.paddle, "save", failing_save)
+    monkeypatch.setattr(util.outputs.checkpoint, "pickle_checkpoint", failing_save)
     capsys.readouterr()
     assert main_finetune.cli(_tiny(class_folders, tmp_path, "t", "--resume", str(last), epochs=2)) == 2
     err = capsys.readouterr().err

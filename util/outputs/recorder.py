@@ -2,9 +2,9 @@
 
 Per epoch: a row of ``metrics_val.csv``, the per-class rows of ``per_class_val.csv``, VisualDL ``val/*``
 scalars, a ``log.txt`` JSON line, ``checkpoint-best.pdparams`` (+ ``thresholds.json``) when the validation
-metric improved and ``checkpoint-last.pdparams`` (resumable). At the end: ``training_curves.png`` and the
-test outputs (``metrics_test.csv``, per-class table, predictions, confusion matrices). Only the main
-process writes; other ranks get a recorder whose methods do nothing.
+metric improved and ``checkpoint-last.pdparams`` (resumable; with ``--save_last_every N`` every N epochs).
+At the end: ``training_curves.png`` and the test outputs (``metrics_test.csv``, per-class table, predictions,
+confusion matrices). Only the main process writes; other ranks get a recorder whose methods do nothing.
 
 The metrics CSVs keep the reference's columns first (``task.columns``, ``val_loss`` being the loss of the
 split the file is named after) and add ``epoch``; ``metrics_test.csv`` also ``checkpoint_epoch`` (the epoch
@@ -12,6 +12,7 @@ whose weights were tested) and ``timestamp`` (ISO 8601, UTC).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import datetime, timezone
 
@@ -60,26 +61,33 @@ class Recorder:
 
     def checkpoints(self, epoch: int, *, model, optimizer, scaler, schedule, val_stats: dict, val_metric: str,
                     improved: bool, best_score: float, best_epoch: int, best_thresholds,
-                    epochs_without_improvement: int = 0, stopped_early: bool = False) -> None:
-        """checkpoint-best (and thresholds.json) when improved, then checkpoint-last; both atomic.
-        checkpoint-last also holds the early-stopping state (``--patience``), so a resumed run goes on counting."""
+                    epochs_without_improvement: int = 0, stopped_early: bool = False, save_last: bool = True,
+                    best_model_state: dict | None = None, writer: ckpt.CheckpointWriter | None = None) -> None:
+        """checkpoint-best (and thresholds.json) when improved, then checkpoint-last (unless ``save_last`` is
+        false: ``--save_last_every``); both atomic, through ``writer`` (one group: in the background both are
+        copied now and written after) or now. checkpoint-last also holds the early-stopping state
+        (``--patience``), so a resumed run goes on counting. ``best_model_state``: the weights checkpoint-best
+        stores instead of the model's own (a LoRA model's, merged)."""
         if not self.enabled:
             return
         meta = {**self.identity, "best_epoch": best_epoch}
         scalars = {k: v for k, v in val_stats.items() if isinstance(v, (int, float))}
-        if improved and self.savemodel:
-            ckpt.save_checkpoint(self.path("checkpoint-best.pdparams"), model=model, epoch=epoch, best_score=best_score,
-                            meta=meta, extra={"best_epoch": best_epoch, "val_metrics": scalars,
-                                              "val_metric": val_metric, "thresholds": best_thresholds})
-            if best_thresholds is not None:
-                save_thresholds_json(self.path("thresholds.json"), self.task.name, self.class_names,
-                                     best_thresholds, f"tuned on the validation split at epoch {epoch}")
-        ckpt.save_checkpoint(self.path("checkpoint-last.pdparams"), model=model, optimizer=optimizer, scaler=scaler,
-                        epoch=epoch, best_score=best_score, meta=meta,
-                        extra={"best_epoch": best_epoch, "best_thresholds": best_thresholds,
-                               "schedule": schedule.state_dict(),
-                               "epochs_without_improvement": int(epochs_without_improvement),
-                               "stopped_early": bool(stopped_early)})
+        with writer.group() if writer is not None else contextlib.nullcontext():
+            if improved and self.savemodel:
+                ckpt.save_checkpoint(self.path("checkpoint-best.pdparams"), model=model, epoch=epoch,
+                                     best_score=best_score, meta=meta, model_state=best_model_state, writer=writer,
+                                     extra={"best_epoch": best_epoch, "val_metrics": scalars,
+                                            "val_metric": val_metric, "thresholds": best_thresholds})
+                if best_thresholds is not None:
+                    save_thresholds_json(self.path("thresholds.json"), self.task.name, self.class_names,
+                                         best_thresholds, f"tuned on the validation split at epoch {epoch}")
+            if save_last:
+                ckpt.save_checkpoint(self.path("checkpoint-last.pdparams"), model=model, optimizer=optimizer,
+                                     scaler=scaler, epoch=epoch, best_score=best_score, meta=meta, writer=writer,
+                                     extra={"best_epoch": best_epoch, "best_thresholds": best_thresholds,
+                                            "schedule": schedule.state_dict(),
+                                            "epochs_without_improvement": int(epochs_without_improvement),
+                                            "stopped_early": bool(stopped_early)})
 
     def curves(self, best_epoch: int, metrics) -> None:
         if self.enabled:

@@ -159,6 +159,6 @@ def describe_interrupted(run_dir: str | None) -> str:
     """What an interrupted run leaves that a user can continue from."""
     last = os.path.join(run_dir, "checkpoint-last.pdparams") if run_dir else None
     if last and os.path.isfile(last):
-        return (f"interrupted: {last} (the last completed epoch) is intact; continue with --resume {last}")
+        return (f"interrupted: {last} (the last saved epoch) is intact; continue with --resume {last}")
     return ("interrupted before the first epoch finished: no checkpoint was written"
             + (f" in {run_dir}" if run_dir else "") + "; start the run again")
