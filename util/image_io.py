@@ -3,11 +3,24 @@
 Shared by the dataset formats, the fundus preprocessing, the image check and ``predict.py``; it imports
 nothing else of the toolkit but its errors, so every layer may use it.
 
-References: Pillow image modes (``I;16``, ``I``, ``F``) and ``Image.convert``.
+Reduced-size JPEG decoding (``--jpeg_draft``): a JPEG decoder can produce the image at 1/2, 1/4 or 1/8 of
+its size cheaply, by scaling its inverse DCT (libjpeg's ``scale_denom``, exposed by Pillow as
+``Image.draft``), which skips much of the work of decoding a 3000-4000 px fundus photograph (the entropy
+decoding remains) and leaves the transforms far fewer pixels. ``load_image`` does so only when given a
+``MinSize``, what the pipeline's first resizing step needs (``Compose.source_min_size``), and then picks the
+largest reduction whose decoded image meets it.
+
+The scaled IDCT is a coarse low-pass (at 1/8 every 8x8 block becomes its mean), so a resize to a fixed size
+``S`` asks for ``RESIZE_HEADROOM * S`` (``fixed_resize_min_size``): the last 2x or more of the reduction is
+then left to the resize's antialiasing filter, and 1/8 is only used on images 16x the output or larger.
+
+References: Pillow ``Image.draft`` / ``JpegImagePlugin.JpegImageFile.draft``; libjpeg-turbo ``libjpeg.txt``
+(``scale_num``/``scale_denom``, DCT scaling); Pillow image modes (``I;16``, ``I``, ``F``) and ``Image.convert``.
 """
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -93,20 +106,76 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return Image.fromarray(grey, 'L').convert('RGB')
 
 
-def load_image(path: str) -> Image.Image:
-    """Open ``path`` fully (truncated files fail here, not later) and convert it to 8-bit RGB.
+class MinSize(NamedTuple):
+    """The smallest image a pipeline's first resizing step takes without enlarging anything: the shorter
+    side at least ``side`` and the area (width x height) at least ``area`` pixels."""
+    side: int
+    area: int = 0
 
-    High-bit-depth images (16-bit grey PNG/TIFF as OCT devices export them, 32-bit integer or float TIFF)
-    are scaled to 0..255 rather than clipped; ``to_rgb`` documents the mapping.
-    """
+    def met_by(self, size: tuple[int, int]) -> bool:
+        w, h = size
+        return min(w, h) >= self.side and w * h >= self.area
+
+
+# the reductions a JPEG decoder applies through DCT scaling, largest first (Pillow's ``draft`` offers these)
+JPEG_REDUCTIONS = (8, 4, 2)
+# a reduced decode feeding a resize to a fixed shorter side S keeps at least this x S (see the module docstring)
+RESIZE_HEADROOM = 2
+
+
+def fixed_resize_min_size(side: int) -> MinSize:
+    """What a reduced decode must keep for a resize of the shorter side to ``side``."""
+    return MinSize(RESIZE_HEADROOM * int(side))
+
+
+def reduced_size(size: tuple[int, int], reduction: int) -> tuple[int, int]:
+    """The size of a JPEG of ``size`` decoded at ``1 / reduction`` (libjpeg rounds up)."""
+    return (size[0] + reduction - 1) // reduction, (size[1] + reduction - 1) // reduction
+
+
+def draft_reduction(size: tuple[int, int], need: MinSize) -> int:
+    """The largest of ``JPEG_REDUCTIONS`` whose decoded image still meets ``need``; 1 (full size) if none."""
+    for k in JPEG_REDUCTIONS:
+        if need.met_by(reduced_size(size, k)):
+            return k
+    return 1
+
+
+def decode_image(path: str, min_size: MinSize | None = None, reduction: int | None = None
+                 ) -> tuple[Image.Image, int]:
+    """``(image as 8-bit RGB, reduction)``: ``path`` decoded like ``load_image``; a JPEG at ``1 / reduction``
+    of its size (``reduction`` given, or the largest ``draft_reduction`` for ``min_size``), every other
+    file, or neither argument given, at full size (reduction 1)."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise UserError(f"{path}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (False, so truncated images "
                         f"are reported); do not set it, fix or remove broken images instead")
     try:
         with Image.open(path) as img:
+            k = 1
+            if img.format == 'JPEG' and (reduction is not None or min_size is not None):
+                full = img.size
+                k = int(reduction) if reduction is not None else draft_reduction(full, min_size)
+                if k > 1:
+                    # the size is a floor: Pillow picks the largest scale that is at least this big
+                    img.draft(img.mode, (max(1, full[0] // k), max(1, full[1] // k)))
+                    # the reduction the decoder took (Pillow may decline the request: 1)
+                    k = next((r for r in (k, *JPEG_REDUCTIONS) if reduced_size(full, r) == img.size), 1)
             img.load()
             rgb = to_rgb(img)
-            return img.copy() if rgb is img else rgb
+            return (img.copy() if rgb is img else rgb), k
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise UserError(f"{path}: cannot read image ({type(err).__name__}: {err}) (a complete "
                         f"JPEG/PNG/BMP/TIFF file); replace or delete the file") from None
+
+
+def load_image(path: str, min_size: MinSize | None = None) -> Image.Image:
+    """Open ``path`` fully (truncated files fail here, not later) and convert it to 8-bit RGB.
+
+    High-bit-depth images (16-bit grey PNG/TIFF as OCT devices export them, 32-bit integer or float TIFF)
+    are scaled to 0..255 rather than clipped; ``to_rgb`` documents the mapping.
+
+    ``min_size``: a JPEG is decoded at the largest reduction (1/2, 1/4, 1/8) whose image still meets it
+    (``draft_reduction``); the pixels are then those of the decoder's scaled inverse DCT, close to but not
+    the same as a full decode followed by a resize. ``None`` (the default): always the full image.
+    """
+    return decode_image(path, min_size)[0]

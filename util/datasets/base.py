@@ -19,6 +19,12 @@ was made (test = validation, carved splits) are in ``dataset.notes``, one line e
 
 Nothing here skips a bad sample: an unreadable or truncated image raises ``UserError`` with its path.
 
+``DataOptions.jpeg_draft`` (``--jpeg_draft``) lets the train split decode its JPEGs at 1/2, 1/4 or 1/8 of
+their size when the transform's first resize still gets at least the size it needs (its
+``source_min_size``; ``util/image_io.py``). Only the train split: validation, test, ``--eval`` and
+``predict.py`` always decode the full image, so every reported metric and every prediction is that of the
+full decode, whatever the run trained with.
+
 References: torchvision ``datasets/folder.py`` (ImageFolder class discovery and ordering);
 MedMNIST v2 npz layout (Yang et al., Scientific Data 2023).
 """
@@ -34,7 +40,7 @@ import paddle
 from PIL import Image
 
 from util.errors import UserError, unknown_name_error
-from util.image_io import load_image
+from util.image_io import MinSize, load_image
 from util.task_names import TASK_NAMES
 
 SPLITS = ('train', 'val', 'test')
@@ -72,6 +78,7 @@ class DataOptions:
     dataratio: str = '1.0'                # build_splits trains on this share of the train split (subsample.py),
     stratified: bool = False              # drawn per class or not,
     seed: int = 0                         # with this seed (the run's --seed)
+    jpeg_draft: bool = False              # train split: JPEGs decoded at a reduced size the transform allows
 
     def validate(self) -> 'DataOptions':
         for name, value in (('--val_ratio', self.val_ratio), ('--test_ratio', self.test_ratio)):
@@ -148,8 +155,10 @@ def build_dataset(split: str, data_path: str, transform: Callable | None, num_cl
         fmt = found[0]
     elif fmt not in _FORMATS:
         raise unknown_name_error('dataset format', fmt, _FORMATS)
-    return _FORMATS[fmt](split, data_path, transform, None if num_classes is None else int(num_classes),
-                         options=options)
+    dataset = _FORMATS[fmt](split, data_path, transform, None if num_classes is None else int(num_classes),
+                            options=options)
+    dataset.jpeg_draft = bool(options.jpeg_draft) and split == 'train'
+    return dataset
 
 
 def _to_unit_array(img: Image.Image) -> np.ndarray:
@@ -173,12 +182,16 @@ class RetinaDataset(paddle.io.Dataset, abc.ABC):
     Image reading goes through ``self.read(path)`` (file-based formats) or ``self.prepare(img)``
     (array-based formats) so a ``reader`` (e.g. fundus cropping with a cache, set by the caller after
     construction) applies to every format alike.
+
+    ``jpeg_draft`` (set by ``build_dataset`` for the train split under ``--jpeg_draft``): ``read`` asks for a
+    JPEG decoded at a reduced size, no smaller than the transform's ``source_min_size`` allows.
     """
 
     task_type = 'single_label'
     num_views = 1
     format_name = ''
     test_is_val = False  # True when the data has no test split and 'test' is the val split (see ``notes``)
+    jpeg_draft = False
 
     def __init__(self, split: str, data_path: str, transform: Callable | None):
         super().__init__()
@@ -194,9 +207,20 @@ class RetinaDataset(paddle.io.Dataset, abc.ABC):
     def detect(data_path: str, options: DataOptions | None = None) -> bool:
         return False
 
+    def decode_min_size(self) -> MinSize | None:
+        """What a reduced JPEG decode must still give the transform (``None``: decode the full image), so
+        ``None`` unless ``jpeg_draft`` and the transform states its ``source_min_size``."""
+        return getattr(self.transform, 'source_min_size', None) if self.jpeg_draft else None
+
     def read(self, path: str) -> Image.Image:
-        """The RGB image at ``path`` through the reader hook (default: ``load_image``)."""
-        return self.reader(path) if self.reader is not None else load_image(path)
+        """The RGB image at ``path`` through the reader hook (default: ``load_image``); reduced in size
+        (``decode_min_size``) only through ``load_image`` or a reader with ``accepts_min_size``."""
+        need = self.decode_min_size()
+        if self.reader is None:
+            return load_image(path) if need is None else load_image(path, need)
+        if need is None or not getattr(self.reader, 'accepts_min_size', False):
+            return self.reader(path)
+        return self.reader(path, need)
 
     def prepare(self, img: Image.Image) -> Image.Image:
         """An in-memory image through the reader's processing (array-based formats)."""

@@ -9,7 +9,9 @@ cameras; cropping the frame away before resizing gives every image the same reti
 - ``build_preprocess(mode, threshold, size)``: 'none', 'fov', 'circle' or 'fov_circle' (the ODIR ResNet-50
   seed: FOV crop -> circle crop -> FOV crop), then optionally resize the shorter side to ``size``.
 - ``FundusReader``: path -> preprocessed RGB image, optionally cached on disk as lossless PNG so the
-  expensive decode + crop of multi-megapixel originals happens once, not every epoch.
+  expensive decode + crop of multi-megapixel originals happens once, not every epoch; given the size the
+  pipeline needs (``MinSize``), it decodes a JPEG at a reduced size (``--jpeg_draft``) that still leaves the
+  crop big enough.
 
 References: the ODIR-5K ResNet-50 and DR-regression seed systems (README.md, Seed systems); Ben Graham's
 ``crop_image_from_gray`` (Kaggle DR 2015 / APTOS 2019 kernels: bounding box of pixels above a grey
@@ -28,7 +30,7 @@ from PIL import Image, ImageChops
 
 from util.errors import UserError, unknown_name_error
 from util.fileio import atomic_path
-from util.image_io import to_rgb
+from util.image_io import MinSize, decode_image, draft_reduction, fixed_resize_min_size, to_rgb
 
 # Bump when the output of a preprocessing mode changes, so caches written by older code are not reused.
 PREPROCESS_VERSION = 1
@@ -169,13 +171,19 @@ class Preprocess:
     def key(self) -> str:
         return f'{self.mode}-t{self.threshold}-s{self.size}-v{PREPROCESS_VERSION}'
 
-    def __call__(self, img: Image.Image) -> Image.Image:
+    def crop(self, img: Image.Image) -> Image.Image:
+        """The crop steps alone (RGB out)."""
         img = to_rgb(img)
         for step in self.steps:
             img = fov_crop(img, self.threshold) if step == 'fov' else circle_crop(img)
-        if self.size > 0:
-            img = resize_shorter(img, self.size)
         return img
+
+    def resize(self, img: Image.Image) -> Image.Image:
+        """The final resize alone (``size`` 0: none)."""
+        return resize_shorter(img, self.size) if self.size > 0 else img
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return self.resize(self.crop(img))
 
     def __repr__(self) -> str:
         return f'Preprocess(mode={self.mode!r}, threshold={self.threshold}, size={self.size})'
@@ -203,9 +211,10 @@ class FundusReader:
     """``reader(path) -> RGB PIL image``: decode, preprocess and (with ``cache_dir``) cache the result.
 
     Cache layout: ``<cache_dir>/<h[:2]>/<stem>-<h>.png`` with ``h`` the first 32 hex digits of SHA-256
-    over (absolute path, file size, modification time in ns, ``preprocess.key``). Editing or replacing
-    the original (new size or mtime) or changing the preprocessing therefore misses and writes a new
-    entry; stale entries are never read (delete the folder to reclaim space). PNG keeps the pixels exact.
+    over (absolute path, file size, modification time in ns, ``preprocess.key``, and for a reduced JPEG
+    decode the ``MinSize`` it had to meet). Editing or replacing the original (new size or mtime) or
+    changing the preprocessing therefore misses and writes a new entry; stale entries are never read
+    (delete the folder to reclaim space). PNG keeps the pixels exact.
 
     Several DataLoader worker processes may share one cache: each entry is written to a temporary file in
     the same folder and renamed into place (``os.replace`` is atomic), so a reader sees either no file or
@@ -217,9 +226,20 @@ class FundusReader:
     Without ``preprocess`` there is nothing worth caching (a PNG of the full-size decode is larger and
     slower to read than the JPEG), so ``cache_dir`` is ignored.
 
+    ``reader(path, min_size)`` (``MinSize``: what the transform's first resize needs, ``--jpeg_draft``)
+    decodes a JPEG at the largest 1/2, 1/4, 1/8 reduction that still gives the transform at least that:
+    with ``preprocess.size`` > 0 the crop must keep a shorter side of twice ``size`` (its resize then
+    shrinks 2x or more, as ``util/image_io.py`` explains; the transform gets ``size`` either way), else the
+    crop itself must meet ``min_size``. The crop runs on the reduced image;
+    when it keeps too little of it (a small field of view in a large frame) the file is decoded again, less
+    reduced, so the guarantee holds for every image. A preprocessing other than ``Preprocess`` (its geometry
+    unknown) always decodes the full image. Cache entries made this way are keyed apart from full decodes.
+
     ``hits``, ``misses`` and ``repaired`` count cache lookups in this process (each DataLoader worker
     process counts its own copy). The reader is picklable.
     """
+
+    accepts_min_size = True  # ``RetinaDataset.read`` passes ``min_size`` to readers that say so
 
     def __init__(self, preprocess: Preprocess | Callable | None, cache_dir: str | None = None):
         self.preprocess = preprocess
@@ -247,9 +267,33 @@ class FundusReader:
         img = to_rgb(img)
         return self.preprocess(img) if self.preprocess is not None else img
 
-    def cache_path(self, path: str) -> str | None:
-        """Where the cached result for ``path`` lives (None without a cache); raises ``UserError`` naming
-        the file when it does not exist."""
+    def decode_need(self, min_size: MinSize | None) -> MinSize | None:
+        """What the decoded image must meet for a transform needing ``min_size`` (``None``: decode fully)."""
+        if min_size is None or self.preprocess is None:
+            return min_size
+        if isinstance(self.preprocess, Preprocess):
+            size = self.preprocess.size
+            return fixed_resize_min_size(size) if size > 0 else MinSize(*min_size)
+        return None
+
+    def _load(self, path: str, min_size: MinSize | None) -> Image.Image:
+        need = self.decode_need(min_size)
+        if need is None:
+            return self.process(_decode(path))
+        img, k = decode_image(path, need)
+        if self.preprocess is None:
+            return img
+        cropped = self.preprocess.crop(img)
+        while k > 1 and not need.met_by(cropped.size):
+            # the crop kept too little of the reduced image: decode it again, reduced less (or not at all)
+            k = min(k // 2, draft_reduction((cropped.size[0] * k, cropped.size[1] * k), need))
+            img, k = decode_image(path, reduction=k)
+            cropped = self.preprocess.crop(img)
+        return self.preprocess.resize(cropped)
+
+    def cache_path(self, path: str, min_size: MinSize | None = None) -> str | None:
+        """Where the cached result for ``path`` (read for a transform needing ``min_size``) lives (None
+        without a cache); raises ``UserError`` naming the file when it does not exist."""
         if self.cache_dir is None:
             return None
         path = os.path.abspath(path)
@@ -259,13 +303,16 @@ class FundusReader:
             raise UserError(f"{path}: cannot read image ({type(err).__name__}: {err.strerror}) (an existing "
                             f"image file); check the path or restore the file") from None
         ident = f'{path}\0{st.st_size}\0{st.st_mtime_ns}\0{self.key}'
+        need = self.decode_need(min_size)
+        if need is not None:  # a reduced decode: other pixels than the full decode's, so another entry
+            ident += f'\0draft-{need.side}x{need.area}'
         h = hashlib.sha256(ident.encode('utf-8', 'surrogateescape')).hexdigest()[:32]
         return os.path.join(self.cache_dir, h[:2], f'{_stem(path)}-{h}.png')
 
-    def __call__(self, path: str) -> Image.Image:
-        entry = self.cache_path(path)
+    def __call__(self, path: str, min_size: MinSize | None = None) -> Image.Image:
+        entry = self.cache_path(path, min_size)
         if entry is None:
-            return self.process(_decode(path))
+            return self._load(path, min_size)
         if os.path.exists(entry):
             try:
                 with Image.open(entry) as cached:
@@ -276,7 +323,7 @@ class FundusReader:
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
                 self.repaired += 1  # unreadable entry: fall through and rewrite it
         self.misses += 1
-        img = self.process(_decode(path))
+        img = self._load(path, min_size)
         try:
             with atomic_path(entry, suffix='.png') as tmp:
                 img.save(tmp, format='PNG', compress_level=1)

@@ -23,15 +23,29 @@ instead, so those draws match timm in distribution, not seed for seed.
 The image operations themselves (crops, flips, rotation, colour jitter, resize, normalisation) are in
 ``util/transforms/ops.py``.
 
+Every pipeline states the smallest input a reduced JPEG decode may give it (``Compose.source_min_size``, a
+``MinSize``; ``--jpeg_draft``, ``util/image_io.py``):
+
+- eval and ``basic``: their first step resizes the shorter side to ``int(size / crop_pct)`` (256 at 224);
+  the decode keeps twice that (512; ``image_io.RESIZE_HEADROOM``), so the resize still shrinks 2x or more
+  with its antialiasing filter (a 3000 px JPEG decodes at 1/4, not 1/8).
+- ``retfound``: RandomResizedCrop draws an area fraction down to ``scale[0]`` (0.08) with an aspect ratio
+  out to 3/4 or 4/3, so its smallest crop has a shorter side of ``sqrt(area * 0.08 * 3/4)``; the area is
+  held at ``size**2 / 0.06`` or more (915 x 915 px at 224) so that even that crop keeps ``size`` pixels a
+  side and is shrunk, never enlarged, as from a full decode (a 3000 px JPEG decodes at 1/2; the median
+  crop, half the area, is then still shrunk 4x). A looser bound, say twice the output's side, would enlarge
+  the smallest crops up to 2x: a blur the reference never shows.
+
 References: timm ``timm/data/transforms_factory.py`` (random erasing: ``util/transforms/random_erasing.py``); RETFound
 ``util/datasets.py``; the CNN seed systems (README.md, Seed systems).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 from util.errors import UserError, unknown_name_error
-from util.image_io import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from util.image_io import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, MinSize, fixed_resize_min_size
 from util.transforms.ops import (
     CenterCrop,
     ColorJitter,
@@ -50,8 +64,12 @@ from util.transforms.random_erasing import RandomErasing
 
 
 class Compose:
-    def __init__(self, transforms: list[Callable]):
+    """The steps in order. ``source_min_size``: the smallest input the steps take without enlarging it
+    (``None``: not known, so a reader never decodes below the full size)."""
+
+    def __init__(self, transforms: list[Callable], source_min_size: MinSize | None = None):
         self.transforms = transforms
+        self.source_min_size = source_min_size
 
     def __call__(self, img):
         for t in self.transforms:
@@ -74,6 +92,18 @@ def jitter_factors(color_jitter) -> tuple[float, ...]:
 
 
 TRANSFORM_POLICIES = ('retfound', 'basic')
+
+
+def random_crop_min_size(size: int, scale: Sequence[float] = (0.08, 1.0),
+                         ratio: Sequence[float] = (3 / 4, 4 / 3)) -> MinSize | None:
+    """The smallest image on which every crop RandomResizedCrop(size, scale, ratio) draws keeps at least
+    ``size`` pixels a side: a crop of area ``t`` and aspect ``a`` has a shorter side ``sqrt(t * min(a, 1/a))``,
+    smallest at ``t = scale[0] * area`` and the extreme ratio; the fallback (whole image, clamped to the
+    ratio) needs a shorter side of ``size``. ``None`` when ``scale[0]`` is 0 (no image is big enough)."""
+    smallest = min(ratio[0], 1 / ratio[0], ratio[1], 1 / ratio[1])
+    if scale[0] <= 0:
+        return None
+    return MinSize(size, math.ceil(size * size / (scale[0] * smallest)))
 
 
 def resolve_crop_pct(crop_pct: float | None, input_size: int) -> float:
@@ -134,14 +164,15 @@ def build_transform(is_train: bool, input_size: int, mean: Sequence[float] = IMA
             Resize(int(input_size / crop_pct), interp),
             CenterCrop(input_size),
             ToArrayNormalize(mean, std),
-        ])
+        ], source_min_size=fixed_resize_min_size(int(input_size / crop_pct)))
     hflip = check_probability('--hflip', hflip)
     vflip = check_probability('--vflip', vflip)
     if policy == 'basic':
         return _basic_train_transform(input_size, mean, std, interpolation, crop_pct, color_jitter, hflip,
                                       vflip, rotation)
 
-    steps: list[Callable] = [ToRGB(), RandomResizedCrop(input_size, interpolation=interpolation)]
+    crop = RandomResizedCrop(input_size, interpolation=interpolation)
+    steps: list[Callable] = [ToRGB(), crop]
     if hflip > 0:
         steps.append(RandomHorizontalFlip(hflip))
     if vflip > 0:
@@ -158,7 +189,7 @@ def build_transform(is_train: bool, input_size: int, mean: Sequence[float] = IMA
     steps.append(ToArrayNormalize(mean, std))
     if reprob > 0:
         steps.append(RandomErasing(reprob, mode=remode, max_count=recount))
-    return Compose(steps)
+    return Compose(steps, source_min_size=random_crop_min_size(input_size, crop.scale, crop.ratio))
 
 
 def _basic_train_transform(input_size: int, mean, std, interpolation: str, crop_pct: float | None,
@@ -181,4 +212,4 @@ def _basic_train_transform(input_size: int, mean, std, interpolation: str, crop_
         if any(factors):
             steps.append(ColorJitter(*factors))
     steps.append(ToArrayNormalize(mean, std))
-    return Compose(steps)
+    return Compose(steps, source_min_size=fixed_resize_min_size(int(input_size / crop_pct)))
