@@ -277,7 +277,7 @@ def train_one_epoch(model, criterion: Callable, data_loader, optimizer, epoch: i
             if step % accum_iter == 0:
                 lr = schedule.adjust(optimizer, epoch + step / n)
             with amp.autocast():
-                outputs = model(samples)
+                outputs = amp.forward(model, samples)  # GPU: under Paddle's AMP; CPU bf16: a static program
                 loss = criterion(outputs, targets)
             loss_value = float(loss)
             if not math.isfinite(loss_value):
@@ -351,7 +351,7 @@ def evaluate(model, data_loader, task: TaskSpec, num_classes: int, *, loss_fn: C
     with Progress(len(data_loader), header, print_freq, enabled=get_rank() == 0, interval=print_interval) as progress:
         for step, (samples, targets) in enumerate(data_loader):
             with amp.autocast():
-                logits = model(samples)
+                logits = amp.forward(model, samples)
             logits = logits.astype("float32")
             losses = loss_fn(logits if scale is None else logits / scale, targets).reshape([-1, 1])
             outputs = task.activation(logits)
