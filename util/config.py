@@ -102,9 +102,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--accum_iter', default=1, type=int, help='gradient accumulation steps per optimizer step')
     g.add_argument('--print_freq', default=20, type=int, help='progress lines when not on a terminal: at step 1, every 30 s, at the end, '
                    'and at least every N steps')
-    g.add_argument('--amp', default=False, action=b, help='automatic mixed precision (GPU only)')
+    g.add_argument('--amp', default=False, action=b,
+                   help='automatic mixed precision: on a GPU in --amp_dtype; on the CPU with --amp_dtype bfloat16 '
+                        'only, on CPUs with bf16 instructions (avx512_bf16 or amx_bf16), in one process')
     g.add_argument('--amp_dtype', default='float16', choices=['float16', 'bfloat16'],
-                   help='AMP precision: float16 (with dynamic loss scaling) or bfloat16')
+                   help='AMP precision: float16 (GPU, with dynamic loss scaling) or bfloat16 (GPU or CPU, no '
+                        'loss scaling); parameters and checkpoints stay float32')
 
     g = p.add_argument_group('model')
     g.add_argument('--model', default='retfound_mae', type=str,
@@ -197,6 +200,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='resize the preprocessed image so its shorter side is this (0: keep)')
     g.add_argument('--cache_dir', default='', type=str,
                    help='keep preprocessed images here so large originals are decoded once (default: no cache)')
+    g.add_argument('--jpeg_draft', default=False, action=b,
+                   help='train split: decode JPEGs at 1/2, 1/4 or 1/8 size (libjpeg DCT scaling) where the '
+                        'first resize still only shrinks (random resized crop at 224: area >= 224^2/0.06, so 1/2 '
+                        'for 3000 px; a resize to S, --preprocess_size or --train_aug basic: shorter side >= 2S, '
+                        'after the fundus crop). About 2.5x less decode + crop time on 3000-4000 px JPEGs; the '
+                        '224 px crops differ from a full decode by 0.3 of 255 levels on average, up to ~40 at '
+                        'sharp edges (sub-pixel shifts; benchmarks/data_pipeline.py). Val, test and predict.py '
+                        'always decode fully')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', type=str,
                    help="RandAugment policy (timm syntax) of --train_aug retfound; '' or 'none' disables it")
     g.add_argument('--smoothing', default=0.1, type=float,
@@ -330,6 +341,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', default=argparse.SUPPRESS,
                    help='reference spelling of --no-pin_mem')
     g.add_argument('--savemodel', default=True, action=b, help='save the best checkpoint')
+    g.add_argument('--save_last_every', default=1, type=int, metavar='N',
+                   help='write checkpoint-last.pdparams (the resumable state: model, optimizer moments, RNG; about '
+                        '3x the model, 3.6 GB for ViT-L) every N epochs, and always at the last epoch, at an early '
+                        'stop and with each new checkpoint-best; a crash or Ctrl-C loses up to N-1 epochs')
+    g.add_argument('--async_save', default=False, action=b,
+                   help='write checkpoints in a background thread: training waits only for a copy of the state in '
+                        'memory (as large as checkpoint-last, 3.6 GB for ViT-L, kept for the whole run), the write is '
+                        'fsynced and renamed into place; the next save and the end of training wait for it, and a '
+                        'failed write stops the run there')
 
     g = p.add_argument_group('evaluation protocol', 'repeated runs and external validation: sub-runs of this '
                              'command, one after another, in the run folder <output_dir>/<task>/, then a summary '
@@ -542,6 +562,9 @@ def validate_config(cfg: argparse.Namespace) -> None:
     for flag in ('num_workers', 'start_epoch', 'seed', 'patience'):  # num_workers None: from the cores
         if getattr(cfg, flag) is not None and getattr(cfg, flag) < 0:
             fail(flag, 'is negative', 'expected 0 or more', f'pass --{flag} 0 or more')
+    if cfg.save_last_every < 1:
+        fail('save_last_every', 'out of range', 'expected a positive number of epochs; 1 writes checkpoint-last '
+             'after every epoch', 'pass --save_last_every 1 or more')
     finite = ['drop_path', 'weight_decay', 'blr', 'layer_decay', 'min_lr', 'warmup_epochs', 'smoothing',
               'reprob', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob']
     for flag in finite + ['lr', 'clip_grad', 'color_jitter']:

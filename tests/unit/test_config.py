@@ -44,7 +44,7 @@ def test_recipe_defaults():
                     num_workers=None, pin_mem=True, world_size=1, local_rank=-1, dist_on_itp=False,
                     dist_url='env://', savemodel=True, amp=False, amp_dtype='float16', print_freq=20)
     # toolkit additions (issue 3): their defaults leave the reference recipe unchanged
-    additions = dict(crop_pct=None, freeze_backbone=False, opt='adamw', momentum=0.9, backbone_lr_scale=1.0, sched='cosine',
+    additions = dict(save_last_every=1, async_save=False, jpeg_draft=False, crop_pct=None, freeze_backbone=False, opt='adamw', momentum=0.9, backbone_lr_scale=1.0, sched='cosine',
                      step_size=10, step_gamma=0.1, plateau_metric='', plateau_patience=10, plateau_factor=0.1,
                      train_aug='retfound', hflip=0.5, vflip=0.0, rotation=15.0, fundus_crop='none',
                      fov_threshold=10, preprocess_size=0, cache_dir='', task_type='', loss='auto',
