@@ -141,7 +141,7 @@ SIDES = {"paddle": {}, "paddle_bundled_mkl": {"RETFOUND_MKL": "bundled"}, "torch
 
 def _run(side: str, a: argparse.Namespace) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("FLAGS_mklml_dir", "RETFOUND_MKL", "MKL_THREADING_LAYER", "OMP_WAIT_POLICY")}
+           if k not in ("FLAGS_mklml_dir", "RETFOUND_MKL", "MKL_THREADING_LAYER", "OMP_WAIT_POLICY", "MKL_CBWR")}
     env.update(SIDES[side], OMP_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore", GLOG_minloglevel="2")
     env.update(isa_caps(a.isa))
     python = a.torch_python if side == "torch" else sys.executable

@@ -91,3 +91,22 @@ def make_checkpoint(path, model="vit_test", task_type="single_label", class_name
         extra["temperature"] = float(temperature)
     save_checkpoint(str(path), model=net, epoch=0, best_score=0.0, meta=RunIdentity(**fields).meta(), extra=extra)
     return str(path)
+
+
+def same_prediction_rows(got: list[dict], want: list[dict], tol: float = 1.5e-6) -> bool:
+    """Result rows equal column by column; the probabilities, printed to 6 decimals, within one unit of the
+    last decimal (``tol``). A matrix product of another batch size may round the last bit differently (MKL
+    picks its kernel by shape), which can flip the 6th decimal; the decisions and text columns must match."""
+    if len(got) != len(want):
+        return False
+    for g, w in zip(got, want):
+        if list(g) != list(w):
+            return False
+        for key, value in w.items():
+            try:
+                if abs(float(g[key]) - float(value)) > tol:
+                    return False
+            except ValueError:
+                if g[key] != value:
+                    return False
+    return True

@@ -24,6 +24,13 @@ keeping the 2 cores busy, a 64x32x32 product took up to 4.5 ms, and a tiny ViT's
 instead of 2.3 ms with the threads sleeping (9-26 ms on the bundled MKLML). The thread count is still the one
 ``util.threads`` decides: Paddle's ``set_num_threads`` calls ``MKL_Set_Num_Threads`` of whichever MKL is loaded.
 
+``MKL_CBWR=AUTO,STRICT`` (unless set): MKL's conditional numerical reproducibility mode. Without it MKL may
+take another code path for a differently aligned buffer, so the same product can differ in the last bit
+between two calls. Once, in CI on the current MKL, two identical predictions differed in the 6th decimal
+(``tests/e2e/test_serve.py``, ``tests/unit/test_explain.py``); it did not recur locally, not even with an
+offset buffer. STRICT promises the same bits for the same inputs and thread count, whatever the alignment. It
+cost no measurable speed here (2048x2048 product, tiny ViT).
+
 The products' results are not bit-identical to the old MKL's (a different blocking sums in a different
 order); they are as close to the exact product as before (``tests/unit/test_blas.py``).
 
@@ -103,6 +110,7 @@ def select_mkl(environ: MutableMapping[str, str] | None = None) -> str:
         return f"Paddle's bundled MKLML (no writable folder for the link to MKL {version})"
     env[FLAG] = folder
     env.setdefault("MKL_THREADING_LAYER", "GNU")
+    env.setdefault("MKL_CBWR", "AUTO,STRICT")  # the same bits for the same inputs, whatever their alignment
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when the OpenMP runtimes start: at Paddle's import
     if environ is None and "paddle" in sys.modules:  # imported already: the flag is read now, not at import
         import paddle

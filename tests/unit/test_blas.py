@@ -16,7 +16,8 @@ import pytest
 from util import blas
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OURS = ("FLAGS_mklml_dir", "MKL_THREADING_LAYER", "OMP_WAIT_POLICY")  # what select_mkl sets: each child decides
+# what select_mkl sets: each child decides for itself
+OURS = ("FLAGS_mklml_dir", "MKL_THREADING_LAYER", "OMP_WAIT_POLICY", "MKL_CBWR")
 
 needs_mkl = pytest.mark.skipif(blas.current_mkl() is None and not os.environ.get("CI"),
                                reason="the mkl package is not installed (requirements.txt installs it on x86-64 Linux)")
@@ -157,6 +158,7 @@ def test_the_link_folder_holds_every_mkl_library_and_falls_back_to_the_cache(tmp
     assert sorted(os.listdir(folder)) == ["libmkl_avx2.so.3", "libmkl_core.so.3", "libmkl_rt.so.3",
                                           "libmklml_intel.so"]
     assert env["MKL_THREADING_LAYER"] == "GNU" and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env["MKL_CBWR"] == "AUTO,STRICT"
     assert blas.select_mkl({}).startswith("MKL 2099.0")  # again: the links are there already
 
     # the environment's lib cannot be written: the links go to the user's cache
