@@ -110,3 +110,23 @@ def same_prediction_rows(got: list[dict], want: list[dict], tol: float = 1.5e-6)
                 if g[key] != value:
                     return False
     return True
+
+
+def assert_same_tree(a, b, where: str = "state") -> None:
+    """Every key, container type, array (dtype, shape, values) and scalar of ``a`` equals ``b``'s."""
+    import numpy as np
+
+    assert type(a) is type(b), (where, type(a), type(b))
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        np.testing.assert_array_equal(a, b, err_msg=where)
+    else:
+        assert a == b, where

@@ -21,7 +21,7 @@ import pytest
 
 import engine_finetune
 import main_finetune
-from helpers import ROOT, TINY_ARGS
+from helpers import ROOT, TINY_ARGS, assert_same_tree
 from models.checkpoint_io import read_checkpoint
 from util.outputs import checkpoint as ck
 
@@ -46,24 +46,6 @@ def _save(path, model, opt, writer=None, epoch=1):
                        writer=writer)
 
 
-def _assert_same_tree(a, b, where="state"):
-    """Every key, container type, array (dtype, shape, values) and scalar of ``a`` equals ``b``'s."""
-    assert type(a) is type(b), (where, type(a), type(b))
-    if isinstance(a, dict):
-        assert list(a) == list(b), where
-        for k in a:
-            _assert_same_tree(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_tree(x, y, f"{where}[{i}]")
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        np.testing.assert_array_equal(a, b, err_msg=where)
-    else:
-        assert a == b, where
-
-
 def _leaves(tree):
     if isinstance(tree, dict):
         for v in tree.values():
@@ -86,7 +68,7 @@ def test_background_write_holds_what_paddle_save_writes(tmp_path, monkeypatch):
     writer.wait()
     sync = read_checkpoint(str(tmp_path / "sync.pdparams"), mmap=False)
     background = read_checkpoint(str(tmp_path / "async.pdparams"), mmap=False)
-    _assert_same_tree(sync, background)
+    assert_same_tree(sync, background)
     # the tensors are there: every parameter and both AdamW moments of every parameter
     n_params = len(list(model.parameters()))
     assert len(background["model"]) == n_params
@@ -137,7 +119,7 @@ def test_tensors_shared_by_best_and_last_are_copied_once(tmp_path):
     held = writer.last["snapshot_bytes"]
     # one copy of the weights and the moments (plus a few bytes: RNG state, beta powers), not two of the weights
     assert model_bytes + moment_bytes <= held < 2 * model_bytes + moment_bytes
-    _assert_same_tree(read_checkpoint(str(tmp_path / "best.pdparams"), mmap=False)["model"],
+    assert_same_tree(read_checkpoint(str(tmp_path / "best.pdparams"), mmap=False)["model"],
                       read_checkpoint(str(tmp_path / "last.pdparams"), mmap=False)["model"])
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import paddle
 import pytest
 
+from helpers import assert_same_tree
 from util.errors import UserError
 from util.outputs import checkpoint as ck
 
@@ -66,23 +67,6 @@ def test_optimizer_state_survives_different_generated_parameter_names(tmp_path):
     assert (after[k].numpy() == state[k].numpy()).all()
 
 
-def _same_tree(a, b, where="state"):
-    assert type(a) is type(b), (where, type(a), type(b))
-    if isinstance(a, dict):
-        assert list(a) == list(b), where
-        for k in a:
-            _same_tree(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same_tree(x, y, f"{where}[{i}]")
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        np.testing.assert_array_equal(a, b, err_msg=where)
-    else:
-        assert a == b, where
-
-
 def test_checkpoints_are_written_in_paddle_save_format_one_tensor_at_a_time(tmp_path, monkeypatch):
     """save_checkpoint streams its pickle (no memo: a plain pickler keeps every tensor's copy until the end)
     but writes what paddle.save writes: the same values through the restricted reader and paddle.load."""
@@ -105,7 +89,7 @@ def test_checkpoints_are_written_in_paddle_save_format_one_tensor_at_a_time(tmp_
         mp.setattr(ck, "pickle_checkpoint", lambda obj, path: paddle.save(obj, path))
         save(tmp_path / "paddle.pdparams")
     ours, ref = (read_checkpoint(str(tmp_path / f), mmap=False) for f in ("ours.pdparams", "paddle.pdparams"))
-    _same_tree(ref, ours)
+    assert_same_tree(ref, ours)
     assert len(ours["model"]) == len(m.state_dict()) and len(ours["optimizer"]) == len(opt.state_dict())
     loaded, ref_loaded = paddle.load(str(tmp_path / "ours.pdparams")), paddle.load(str(tmp_path / "paddle.pdparams"))
     for k, v in ref_loaded["model"].items():  # paddle.load gives tensors back, with their names
