@@ -271,6 +271,20 @@ def test_flag_reaches_the_train_split_only(jpeg_tree, big_jpeg):
     assert resolve_config(['--data_path', jpeg_tree, '--jpeg_draft', '--no-jpeg_draft']).jpeg_draft is False
 
 
+def test_flag_reaches_a_subsampled_train_split(tmp_path, big_jpeg):
+    for split, n in (('train', 4), ('val', 1), ('test', 1)):
+        for cls in ('a', 'b'):
+            os.makedirs(tmp_path / split / cls)
+            for i in range(n):
+                os.link(big_jpeg, tmp_path / split / cls / f'x{i}.jpg')
+    _, ds = _splits(str(tmp_path), '--jpeg_draft', '--dataratio', '0.5')
+    train = ds['train']
+    assert len(train) == 4 and train.decode_min_size() is not None
+    assert train.read(train.samples[0]).size == (1200, 900)
+    x, _ = train[0]
+    assert x.shape == (3, 224, 224)
+
+
 def test_flag_off_gives_the_same_tensors_as_the_full_decode(jpeg_tree, big_jpeg):
     _, ds = _splits(jpeg_tree)
     train = ds['train']

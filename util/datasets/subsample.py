@@ -18,7 +18,8 @@ anyway). One useful property follows from drawing a permutation and keeping a pr
 the subset of a smaller ratio is contained in that of a larger one (``0.1`` within ``0.3`` within ``1.0``).
 
 ``SubsetDataset`` is the subset as a dataset of the same kind: same classes, task and views, its own
-``targets``; images are read by the full dataset (its reader), transformed by the subset's ``transform``.
+``targets``; images are read by the full dataset (its reader), and the transform is the full dataset's (set
+through either), so that what the reader decodes is sized for it.
 
 References: rmaphoh/RETFound ``util/datasets.py`` (``build_dataset``, ``_stratified_indices``).
 """
@@ -76,6 +77,24 @@ class SubsetDataset(RetinaDataset):
     @property
     def reader(self):
         return self.base.reader
+
+    @property
+    def transform(self):
+        """The base's transform: the base reads the images, and its reduced JPEG decode (``--jpeg_draft``) is
+        sized by the transform set here after subsampling."""
+        return self.base.transform
+
+    @transform.setter
+    def transform(self, value) -> None:
+        self.base.transform = value
+
+    @property
+    def jpeg_draft(self) -> bool:
+        return self.base.jpeg_draft
+
+    @jpeg_draft.setter
+    def jpeg_draft(self, value: bool) -> None:
+        self.base.jpeg_draft = value
 
     @reader.setter
     def reader(self, value) -> None:
