@@ -37,6 +37,17 @@ order); they are as close to the exact product as before (``tests/unit/test_blas
 ``RETFOUND_MKL=bundled`` keeps Paddle's own MKLML, and a ``FLAGS_mklml_dir`` set by the user is left alone.
 Without the ``mkl`` package (it is installed with the toolkit on x86-64 Linux) nothing changes.
 
+Freed memory kept for reuse (``keep_freed_memory``, called by ``select_mkl``; ``RETFOUND_MALLOC=system`` opts
+out). Paddle's CPU allocator takes every tensor from ``malloc``. glibc serves a block above its mmap threshold
+(128 KiB at first, raised dynamically) with fresh pages from the kernel and returns them at ``free``, and it
+trims the heap's top on every large free. So an operator whose output is a few MB (a ViT-B/16 MLP activation,
+batch 4: 9.7 MB) page-faults and zero-fills its output on every call: on a 2-core AMD EPYC an element-wise add of
+two [4, 197, 3072] tensors took 4.4 ms, 0.6 ms with the settings below, and exact GELU forward + backward
+54.7 ms against 13.7 ms (``benchmarks/elementwise_speed.py``). ``mallopt`` fixes the mmap threshold at 32 MiB
+(glibc's maximum) and the trim threshold at 512 MiB, so freed blocks stay in the heap for the next operator;
+larger blocks are still mapped and unmapped. The values computed do not change, only where they live; the peak
+resident memory of a ViT-B step rose by about 40 MB (2.66 -> 2.70 GB). Outside glibc nothing changes.
+
 Call ``select_mkl`` before Paddle's first BLAS call: the entry points call it beside ``math_threads()``,
 before they import Paddle.
 """
@@ -47,6 +58,11 @@ import sys
 from typing import MutableMapping
 
 OPT_OUT = "RETFOUND_MKL"  # "bundled": Paddle's own MKLML
+MALLOC_OPT_OUT = "RETFOUND_MALLOC"  # "system": glibc's default malloc thresholds
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
+MMAP_THRESHOLD = 32 << 20  # glibc's largest: HEAP_MAX_SIZE / 2 on 64-bit
+TRIM_THRESHOLD = 512 << 20
+_malloc_state: str | None = None
 FLAG = "FLAGS_mklml_dir"
 PADDLE_NAME = "libmklml_intel.so"  # the file Paddle opens in FLAGS_mklml_dir
 
@@ -94,9 +110,36 @@ def _link_folder(library: str, version: str) -> str | None:
     return None
 
 
-def select_mkl(environ: MutableMapping[str, str] | None = None) -> str:
-    """Point Paddle at the current MKL (see the module docstring); returns what was decided, in words."""
+def keep_freed_memory(environ: MutableMapping[str, str] | None = None) -> str:
+    """glibc keeps freed blocks below 32 MiB for reuse instead of returning them to the kernel (see the module
+    docstring); once per process. Returns what was decided, in words."""
+    global _malloc_state
     env = os.environ if environ is None else environ
+    if env.get(MALLOC_OPT_OUT, "").strip().lower() == "system":
+        return f"glibc's default malloc thresholds ({MALLOC_OPT_OUT}=system)"
+    if _malloc_state is None:
+        _malloc_state = "the system's malloc (not glibc)"
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                mallopt = libc.mallopt
+            except (OSError, AttributeError):
+                mallopt = None
+            if mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 \
+                    and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1:
+                _malloc_state = (f"freed memory kept for reuse (mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim "
+                                 f"threshold {TRIM_THRESHOLD >> 20} MiB)")
+    return _malloc_state
+
+
+def select_mkl(environ: MutableMapping[str, str] | None = None) -> str:
+    """Point Paddle at the current MKL (see the module docstring); returns what was decided, in words. In this
+    process (``environ`` not given) it also calls ``keep_freed_memory``."""
+    env = os.environ if environ is None else environ
+    if environ is None:
+        keep_freed_memory()
     if env.get(OPT_OUT, "").strip().lower() == "bundled":
         return f"Paddle's bundled MKLML ({OPT_OUT}=bundled)"
     if env.get(FLAG):

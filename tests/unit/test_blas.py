@@ -184,3 +184,37 @@ def _refusing(real, prefix: str):
             raise PermissionError(dst)
         return real(src, dst, *args, **kwargs)
     return symlink
+
+
+FAULTS = r'''
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+from util.blas import select_mkl
+print(select_mkl())
+import paddle
+x, y = paddle.ones([4, 197, 3072]), paddle.ones([4, 197, 3072])   # a ViT-B/16 MLP activation at batch 4: 9.7 MB
+with paddle.no_grad():
+    for _ in range(3):
+        z = x + y
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        z = x + y
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
+def test_operator_outputs_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
+    pages = 4 * 197 * 3072 * 4 // 4096   # the output's pages: 2363
+    faults = {}
+    for mode in ("", "system"):
+        env = {k: v for k, v in os.environ.items() if k != blas.MALLOC_OPT_OUT}
+        if mode:
+            env[blas.MALLOC_OPT_OUT] = mode
+        res = subprocess.run([sys.executable, "-c", FAULTS, REPO], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        faults[mode] = float(res.stdout.split()[-1])
+    assert faults["system"] > 0.8 * pages        # glibc's default: every output in fresh, zero-filled pages
+    assert faults[""] < 0.25 * pages             # kept: the freed output of the last call is reused
+    assert "system" in blas.keep_freed_memory({blas.MALLOC_OPT_OUT: "system"})
