@@ -54,7 +54,9 @@ CNNS = {
     "cnn_test": ("resnet50_test", "resnet18", 32),
 }
 # the Paddle sides: the current MKL (util/blas.py, as the toolkit runs) and the MKLML Paddle's wheel bundles
-PADDLE_SIDES = {"paddle": "", "paddle_bundled_mkl": "bundled"}
+PADDLE_SIDES = {"paddle": "", "paddle_bundled_mkl": "bundled", "paddle_system_malloc": ""}
+# the side that runs with glibc's default malloc thresholds (util/blas.keep_freed_memory opted out)
+SYSTEM_MALLOC = "paddle_system_malloc"
 NUM_CLASSES = 5
 DROP_PATH = 0.1
 WEIGHT_DECAY = 0.05
@@ -209,8 +211,11 @@ def _run_worker(side: str, a: argparse.Namespace) -> dict:
     if side in PADDLE_SIDES:
         env.pop("FLAGS_mklml_dir", None)
         env.pop("RETFOUND_MKL", None)
+        env.pop("RETFOUND_MALLOC", None)
         if PADDLE_SIDES[side]:
             env["RETFOUND_MKL"] = PADDLE_SIDES[side]
+        if side == SYSTEM_MALLOC:
+            env["RETFOUND_MALLOC"] = "system"
         for kv in a.paddle_env:
             k, _, v = kv.partition("=")
             env[k] = v
@@ -273,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mkl", choices=["both", "current", "bundled"], default="both",
                    help="the Paddle side(s): the current MKL the toolkit loads (util/blas.py), Paddle's bundled "
                         "MKLML (RETFOUND_MKL=bundled), or both side by side (default)")
+    p.add_argument("--malloc", choices=["kept", "both"], default="kept",
+                   help="both: add a Paddle side (current MKL) with glibc's default malloc thresholds "
+                        "(RETFOUND_MALLOC=system), against the toolkit's freed-memory reuse (util/blas.py)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS / torch.set_num_threads for both sides")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; each round runs both sides once")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones (train and eval)")
@@ -306,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"workload: {label}, batch {a.batch_size}, {a.input_size}px, fp32, "
           f"{a.threads} threads, {a.warmup} warmup + {a.steps} timed steps, {a.rounds} alternating rounds"
           + (f", paddle env {' '.join(a.paddle_env)}" if a.paddle_env else ""))
-    paddle_sides = {"both": list(PADDLE_SIDES), "current": ["paddle"], "bundled": ["paddle_bundled_mkl"]}[a.mkl]
+    paddle_sides = {"both": ["paddle", "paddle_bundled_mkl"], "current": ["paddle"],
+                    "bundled": ["paddle_bundled_mkl"]}[a.mkl] + ([SYSTEM_MALLOC] if a.malloc == "both" else [])
     sides = [*paddle_sides, "torch"]
     results: dict[str, list[dict]] = {s: [] for s in sides}
     t_start = time.time()
@@ -342,7 +351,11 @@ def main(argv: list[str] | None = None) -> None:
         ri = med[s]["infer_img_s"] / med["torch"]["infer_img_s"]
         ratios[s] = {"train": rt, "infer": ri}
         print(f"{'ratio ' + s + '/torch':30s}{rt:8.3f}{'':14s}{ri:12.3f}")
-    if len(paddle_sides) == 2:
+    if "paddle" in med and SYSTEM_MALLOC in med:
+        cur, old = med["paddle"], med[SYSTEM_MALLOC]
+        print(f"{'ratio kept/system malloc':30s}{cur['train_img_s'] / old['train_img_s']:8.3f}{'':14s}"
+              f"{cur['infer_img_s'] / old['infer_img_s']:12.3f}")
+    if "paddle" in med and "paddle_bundled_mkl" in med:
         cur, old = med["paddle"], med["paddle_bundled_mkl"]
         print(f"{'ratio current/bundled MKL':30s}{cur['train_img_s'] / old['train_img_s']:8.3f}{'':14s}"
               f"{cur['infer_img_s'] / old['infer_img_s']:12.3f}")
