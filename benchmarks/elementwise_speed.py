@@ -23,12 +23,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gemm_speed import _cpu, _time, isa_caps  # noqa: E402  (the same driver pieces as the GEMM benchmark)
+from gemm_speed import _cpu, _time, launch  # noqa: E402  (the same driver pieces as the GEMM benchmark)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,20 +129,10 @@ def worker(a: argparse.Namespace) -> dict:
 
 
 def _run(side: str, a: argparse.Namespace) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("FLAGS_mklml_dir", "RETFOUND_MKL", "MKL_THREADING_LAYER", "OMP_WAIT_POLICY", "MKL_CBWR")}
-    env.update(OMP_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore", GLOG_minloglevel="2")
-    env.update(isa_caps(a.isa))
-    python = a.torch_python if side == "torch" else sys.executable
-    cmd = [python, os.path.abspath(__file__), "--worker", side, "--threads", str(a.threads), "--batch", str(a.batch),
-           "--repeats", str(a.repeats)] + (["--quick"] if a.quick else [])
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"elementwise_speed: the {side} worker failed (exit code {proc.returncode}); its output "
-                         "is above")
-    return json.loads(lines[-1][len("RESULT "):])
+    args = ["--worker", side, "--threads", str(a.threads), "--batch", str(a.batch), "--repeats", str(a.repeats)] + \
+        (["--quick"] if a.quick else [])
+    return launch(__file__, a.torch_python if side == "torch" else sys.executable, args, a.threads, a.isa,
+                  f"elementwise_speed: the {side}")
 
 
 def main(argv: list[str] | None = None) -> None:

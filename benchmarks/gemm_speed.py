@@ -139,21 +139,28 @@ def isa_caps(isa: str) -> dict:
 SIDES = {"paddle": {}, "paddle_bundled_mkl": {"RETFOUND_MKL": "bundled"}, "torch": {}}
 
 
-def _run(side: str, a: argparse.Namespace) -> dict:
+def launch(script: str, python: str, args: list[str], threads: int, isa: str, label: str,
+           env_extra: dict | None = None) -> dict:
+    """Run ``script --worker ...`` (``args``) under ``python`` with a clean CPU environment (what ``select_mkl``
+    sets is left for the worker to decide; ``threads`` OpenMP threads, ``isa`` caps) and return its ``RESULT``
+    line; a failed worker ends the benchmark with its output."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("FLAGS_mklml_dir", "RETFOUND_MKL", "MKL_THREADING_LAYER", "OMP_WAIT_POLICY", "MKL_CBWR")}
-    env.update(SIDES[side], OMP_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore", GLOG_minloglevel="2")
-    env.update(isa_caps(a.isa))
-    python = a.torch_python if side == "torch" else sys.executable
-    cmd = [python, os.path.abspath(__file__), "--worker", "torch" if side == "torch" else "paddle",
-           "--threads", str(a.threads), "--batch", str(a.batch)] + (["--quick"] if a.quick else []) + \
-        ([] if a.backward else ["--no-backward"])
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    env.update(env_extra or {}, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore", GLOG_minloglevel="2")
+    env.update(isa_caps(isa))
+    proc = subprocess.run([python, os.path.abspath(script), *args], cwd=REPO, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"gemm_speed: the {side} worker failed (exit code {proc.returncode}); its output is above")
+        raise SystemExit(f"{label} worker failed (exit code {proc.returncode}); its output is above")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def _run(side: str, a: argparse.Namespace) -> dict:
+    args = ["--worker", "torch" if side == "torch" else "paddle", "--threads", str(a.threads), "--batch",
+            str(a.batch)] + (["--quick"] if a.quick else []) + ([] if a.backward else ["--no-backward"])
+    return launch(__file__, a.torch_python if side == "torch" else sys.executable, args, a.threads, a.isa,
+                  f"gemm_speed: the {side}", SIDES[side])
 
 
 def _cpu() -> str:
