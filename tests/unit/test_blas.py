@@ -216,5 +216,7 @@ def test_operator_outputs_reuse_freed_memory_instead_of_faulting_in_fresh_pages(
         assert res.returncode == 0, res.stderr[-2000:]
         faults[mode] = float(res.stdout.split()[-1])
     assert faults["system"] > 0.8 * pages        # glibc's default: every output in fresh, zero-filled pages
-    assert faults[""] < 0.25 * pages             # kept: the freed output of the last call is reused
+    # kept: the freed output of the last call is reused. Not every time: over 9 runs here 1, 2 or 5 of the 20
+    # calls still faulted in a whole output (another allocation took the freed block first)
+    assert faults[""] < 0.5 * pages
     assert "system" in blas.keep_freed_memory({blas.MALLOC_OPT_OUT: "system"})
