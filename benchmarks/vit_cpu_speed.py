@@ -53,10 +53,11 @@ CNNS = {
     "convnext_small": ("convnext_small", "convnext_small", 224),
     "cnn_test": ("resnet50_test", "resnet18", 32),
 }
-# the Paddle sides: the current MKL (util/blas.py, as the toolkit runs) and the MKLML Paddle's wheel bundles
-PADDLE_SIDES = {"paddle": "", "paddle_bundled_mkl": "bundled", "paddle_system_malloc": ""}
-# the side that runs with glibc's default malloc thresholds (util/blas.keep_freed_memory opted out)
+# the Paddle sides and their environment: the toolkit as it runs (util/blas.py: the current MKL, freed memory
+# kept), the MKLML Paddle's wheel bundles, and glibc's default malloc thresholds (keep_freed_memory opted out)
 SYSTEM_MALLOC = "paddle_system_malloc"
+PADDLE_SIDES = {"paddle": {}, "paddle_bundled_mkl": {"RETFOUND_MKL": "bundled"},
+                SYSTEM_MALLOC: {"RETFOUND_MALLOC": "system"}}
 NUM_CLASSES = 5
 DROP_PATH = 0.1
 WEIGHT_DECAY = 0.05
@@ -212,10 +213,7 @@ def _run_worker(side: str, a: argparse.Namespace) -> dict:
         env.pop("FLAGS_mklml_dir", None)
         env.pop("RETFOUND_MKL", None)
         env.pop("RETFOUND_MALLOC", None)
-        if PADDLE_SIDES[side]:
-            env["RETFOUND_MKL"] = PADDLE_SIDES[side]
-        if side == SYSTEM_MALLOC:
-            env["RETFOUND_MALLOC"] = "system"
+        env.update(PADDLE_SIDES[side])
         for kv in a.paddle_env:
             k, _, v = kv.partition("=")
             env[k] = v
