@@ -106,6 +106,16 @@ def worker(a: argparse.Namespace) -> dict:
         kernels = {"gelu (exact)": (lambda t: F.gelu(t, approximate=False), ["mlp"]), "layer_norm": (ln, ["tok"]),
                    "softmax": (lambda t: F.softmax(t, axis=-1), ["logits"]), "attention core": (attention, ["qkv"]),
                    "residual add": (lambda x, y: x + y, ["tok", "tok2"])}
+        if a.worker == "compiled":   # the toolkit's layers on models/cpu_kernels.py, as models/vit.py runs them
+            from models import cpu_kernels
+
+            out["kernels"] = cpu_kernels.status()
+            ln = cpu_kernels.LayerNorm(C, epsilon=1e-6)
+            # the same q, k, v laid out as the qkv projection's output [B, N, 3 * C], which the kernel reads
+            arrays["qkv_rows"] = np.ascontiguousarray(arrays["qkv"].transpose(1, 2, 0, 3, 4)).reshape(B, N, 3 * C)
+            kernels.update({"gelu (exact)": (cpu_kernels.gelu, ["mlp"]), "layer_norm": (ln, ["tok"]),
+                            "softmax": (cpu_kernels.softmax, ["logits"]),
+                            "attention core": (lambda t: cpu_kernels.attention(t, H, scale), ["qkv_rows"])})
 
         def measure(fn, names):
             xs = [paddle.to_tensor(arrays[n], stop_gradient=False) for n in names]
@@ -132,7 +142,7 @@ def _run(side: str, a: argparse.Namespace) -> dict:
     args = ["--worker", side, "--threads", str(a.threads), "--batch", str(a.batch), "--repeats", str(a.repeats)] + \
         (["--quick"] if a.quick else [])
     return launch(__file__, a.torch_python if side == "torch" else sys.executable, args, a.threads, a.isa,
-                  f"elementwise_speed: the {side}")
+                  f"elementwise_speed: the {side}", {"RETFOUND_CPU_KERNELS": "paddle"} if side == "paddle" else None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,14 +156,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="small shapes, one round, 2 repeats")
     p.add_argument("--isa", choices=["native", "avx2"], default="native")
     p.add_argument("--json", default=None, help="also write every measurement to this file")
-    p.add_argument("--worker", choices=["paddle", "torch"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["paddle", "compiled", "torch"], default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         print("RESULT " + json.dumps(worker(a)), flush=True)
         return
     if a.quick:
         a.rounds, a.repeats = 1, 2
-    sides = ["paddle"] + (["torch"] if a.torch_python else [])
+    sides = ["paddle", "compiled"] + (["torch"] if a.torch_python else [])
     s = _shapes(a)
     print(f"machine: {_cpu()}; {a.threads} threads; instructions {a.isa}; load average {os.getloadavg()[0]:.2f} "
           f"(before); shapes: batch {s['B']}, {s['N']} tokens, width {s['C']}, MLP {s['hidden']}, {s['H']} heads")
@@ -167,16 +177,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{side}: {runs[side][0]['version']}" + (f", {runs[side][0]['blas']}" if "blas" in runs[side][0] else ""))
     med = {side: {name: {k: statistics.median(run["ms"][name][k] for run in runs[side]) for k in ("fwd", "fwd_bwd")}
                   for name in CALLS} for side in sides}
+    ours = [side for side in sides if side != "torch"]
     head = f"{'ms, median of ' + str(a.rounds):18s}" + "".join(f"{side + ' ' + k:>18s}" for side in sides
                                                                for k in ("fwd", "fwd_bwd"))
     if "torch" in sides:
-        head += f"{'paddle/torch fwd':>18s}{'paddle/torch f+b':>18s}"
+        head += "".join(f"{side + '/torch ' + k:>22s}" for side in ours for k in ("fwd", "f+b"))
     head += "".join(f"{side + ' ms/step':>16s}" for side in sides)
     print(head)
     for name, calls in CALLS.items():
         row = f"{name:18s}" + "".join(f"{med[side][name][k]:18.2f}" for side in sides for k in ("fwd", "fwd_bwd"))
         if "torch" in sides:
-            row += "".join(f"{med['paddle'][name][k] / med['torch'][name][k]:18.2f}" for k in ("fwd", "fwd_bwd"))
+            row += "".join(f"{med[side][name][k] / med['torch'][name][k]:22.2f}" for side in ours
+                           for k in ("fwd", "fwd_bwd"))
         row += "".join(f"{calls * med[side][name]['fwd_bwd']:16.0f}" for side in sides)
         print(row)
     print(f"(ms/step: calls per ViT-B/16 training step {CALLS} x forward + backward; wall time {time.time() - t0:.0f}"

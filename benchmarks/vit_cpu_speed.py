@@ -54,10 +54,12 @@ CNNS = {
     "cnn_test": ("resnet50_test", "resnet18", 32),
 }
 # the Paddle sides and their environment: the toolkit as it runs (util/blas.py: the current MKL, freed memory
-# kept), the MKLML Paddle's wheel bundles, and glibc's default malloc thresholds (keep_freed_memory opted out)
+# kept; models/cpu_kernels.py: the compiled kernels), the MKLML Paddle's wheel bundles, glibc's default malloc
+# thresholds (keep_freed_memory opted out), and Paddle's own kernels instead of the compiled ones
 SYSTEM_MALLOC = "paddle_system_malloc"
+OWN_KERNELS = "paddle_own_kernels"
 PADDLE_SIDES = {"paddle": {}, "paddle_bundled_mkl": {"RETFOUND_MKL": "bundled"},
-                SYSTEM_MALLOC: {"RETFOUND_MALLOC": "system"}}
+                SYSTEM_MALLOC: {"RETFOUND_MALLOC": "system"}, OWN_KERNELS: {"RETFOUND_CPU_KERNELS": "paddle"}}
 NUM_CLASSES = 5
 DROP_PATH = 0.1
 WEIGHT_DECAY = 0.05
@@ -131,6 +133,8 @@ def worker_paddle(a: argparse.Namespace) -> dict:
         except Exception:  # flag not known in this build
             pass
     flags["blas"] = blas
+    from models import cpu_kernels
+    flags["kernels"] = cpu_kernels.status()
     flags["loaded"] = [os.path.basename(p) for p in loaded_blas() if "libmkl_rt" in p or "libmklml" in p]
     return {"train_times": train_times, "infer_times": infer_times,
             "version": f"paddle {paddle.__version__}", "groups": len(opt._param_groups), "flags": flags}
@@ -286,6 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--paddle_groups", choices=["lrd", "plain"], default="lrd",
                    help="Paddle optimizer groups: lrd = our layer-decay groups (default, as main_finetune.py), "
                         "plain = two groups like the torch side")
+    p.add_argument("--kernels", choices=["compiled", "both"], default="compiled",
+                   help="both: add a Paddle side (current MKL) with Paddle's own CPU kernels instead of "
+                        "models/cpu_kernels.py's compiled ones (RETFOUND_CPU_KERNELS=paddle)")
     p.add_argument("--paddle_env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment variable for the Paddle worker only (repeatable), e.g. FLAGS_use_mkldnn=1")
     p.add_argument("--isa", choices=["native", "avx2"], default="native", help=ISA_HELP)
@@ -313,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{a.threads} threads, {a.warmup} warmup + {a.steps} timed steps, {a.rounds} alternating rounds"
           + (f", paddle env {' '.join(a.paddle_env)}" if a.paddle_env else ""))
     paddle_sides = {"both": ["paddle", "paddle_bundled_mkl"], "current": ["paddle"],
-                    "bundled": ["paddle_bundled_mkl"]}[a.mkl] + ([SYSTEM_MALLOC] if a.malloc == "both" else [])
+                    "bundled": ["paddle_bundled_mkl"]}[a.mkl] + ([SYSTEM_MALLOC] if a.malloc == "both" else []) + ([OWN_KERNELS] if a.kernels == "both" else [])
     sides = [*paddle_sides, "torch"]
     results: dict[str, list[dict]] = {s: [] for s in sides}
     t_start = time.time()
@@ -352,6 +359,10 @@ def main(argv: list[str] | None = None) -> None:
     if "paddle" in med and SYSTEM_MALLOC in med:
         cur, old = med["paddle"], med[SYSTEM_MALLOC]
         print(f"{'ratio kept/system malloc':30s}{cur['train_img_s'] / old['train_img_s']:8.3f}{'':14s}"
+              f"{cur['infer_img_s'] / old['infer_img_s']:12.3f}")
+    if "paddle" in med and OWN_KERNELS in med:
+        cur, old = med["paddle"], med[OWN_KERNELS]
+        print(f"{'ratio compiled/own kernels':30s}{cur['train_img_s'] / old['train_img_s']:8.3f}{'':14s}"
               f"{cur['infer_img_s'] / old['infer_img_s']:12.3f}")
     if "paddle" in med and "paddle_bundled_mkl" in med:
         cur, old = med["paddle"], med["paddle_bundled_mkl"]

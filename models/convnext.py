@@ -17,6 +17,7 @@ from __future__ import annotations
 import paddle
 
 from models.cnn import PaddleClasCNN, _quiet, check_drop_path
+from models.cpu_kernels import use_in as use_cpu_kernels
 from models.registry import register_model
 
 
@@ -32,6 +33,8 @@ class PaddleClasConvNeXt(PaddleClasCNN):
 
             self.backbone = ConvNeXt(depths=depths, dims=dims, drop_path_rate=drop_path_rate,
                                      class_num=max(num_classes, 1))
+        # the blocks' LayerNorm, pointwise Linears and GELU on the compiled CPU kernels (same parameters)
+        use_cpu_kernels(self.backbone)
         net = self.backbone
         self.drop_path_rate = drop_path_rate
         stages = [[net.downsample_layers[0]], [net.stages[0]]]

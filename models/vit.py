@@ -33,6 +33,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from models.cpu_kernels import GELU, LayerNorm, Linear, attention, softmax
 from models.registry import register_model
 from util.errors import UserError
 from util.image_io import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -97,24 +98,6 @@ class DropPath(nn.Layer):
         return f"drop_prob={self.drop_prob:.4f}"
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` whose bias gradient is a matrix product on CPU in eager mode (same parameters, same output).
-
-    Paddle's CPU backward of the broadcast bias add is a column reduction that takes 14 ms for a
-    [788, 3072] gradient (0.26 ms as ``ones @ grad``). Adding the bias as ``ones[M, 1] @ bias[1, out]``
-    gives the same forward values and moves that reduction into a GEMM. Measured ViT-B/16 CPU train step
-    1.74 -> 1.94 img/s (batch 4). Elsewhere (GPU, static graph / export) it is the plain fused layer.
-    """
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        if self.bias is None or not paddle.in_dynamic_mode() or not x.place.is_cpu_place():
-            return super().forward(x)
-        out = paddle.matmul(x, self.weight)
-        rows = int(np.prod(out.shape[:-1]))
-        ones = paddle.ones([rows, 1], dtype=out.dtype)
-        return out + paddle.matmul(ones, self.bias.unsqueeze(0)).reshape(out.shape)
-
-
 class PatchEmbed(nn.Layer):
     """Image [B, C, H, W] -> patch tokens [B, N, D] by a kernel = stride = patch convolution."""
 
@@ -142,9 +125,9 @@ class PatchEmbed(nn.Layer):
 class Attention(nn.Layer):
     # Where ``util/explain.py`` collects the attention weights for attention rollout: a list set on the
     # instance receives ``attn`` [B, heads, N, N] at every forward. None (the class default) keeps nothing, so
-    # training and inference are unchanged (same kernels, same outputs, no extra memory). A fused attention
-    # path added later (``F.scaled_dot_product_attention``, flash attention) never materialises the weights:
-    # it may be taken only while ``attn_sink is None``, the explicit softmax below being used otherwise.
+    # training and inference are unchanged (same kernels, same outputs, no extra memory). The compiled CPU
+    # kernel keeps the weights for its backward and hands them over; a fused path that never materialises them
+    # (``F.scaled_dot_product_attention``, flash attention) may be taken only while ``attn_sink is None``.
     attn_sink: list | None = None
 
     def __init__(self, dim: int, num_heads: int):
@@ -159,16 +142,21 @@ class Attention(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         B, N, C = x.shape
+        qkv = self.qkv(x)
+        # the compiled kernel on CPU (models/cpu_kernels.py): same math, no copies; it hands the sink its weights
+        out = attention(qkv, self.num_heads, self.scale, self.attn_sink)
+        if out is not None:
+            return self.proj(out)
         # unbind, not qkv[0]/qkv[1]/qkv[2]: indexing makes backward scatter three full-size zero-padded
         # gradients (measured ViT-B/16 CPU train step: 0.51 -> 0.85 img/s). Paddle's
         # scaled_dot_product_attention runs this same math on CPU (identical output, same speed) but would
         # pick flash attention on GPU, which needs fp16, so the explicit form is used on every device.
-        q, k, v = self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim]).unbind(2)   # [B, N, H, Dh]
+        q, k, v = qkv.reshape([B, N, 3, self.num_heads, self.head_dim]).unbind(2)   # [B, N, H, Dh]
         # einsum, not .transpose([0, 2, 1, 3]) + matmul: with Paddle's default stride kernels a transpose is
         # a view and making it contiguous goes through a slow element-wise strided copy (6.8 ms for one
         # [4, 12, 197, 64] tensor on CPU, 0.7 ms via the transpose kernel einsum uses). Same kernels
         # otherwise, bit-identical outputs and gradients; ViT-B/16 CPU train step 1.38 -> 1.76 img/s.
-        attn = F.softmax(paddle.einsum('bnhd,bmhd->bhnm', q * self.scale, k), axis=-1)
+        attn = softmax(paddle.einsum('bnhd,bmhd->bhnm', q * self.scale, k))
         if self.attn_sink is not None:
             self.attn_sink.append(attn)
         x = paddle.einsum('bhnm,bmhd->bnhd', attn, v).reshape([B, N, C])
@@ -179,7 +167,7 @@ class Mlp(nn.Layer):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = Linear(dim, hidden)
-        self.act = nn.GELU(approximate=False)
+        self.act = GELU()
         self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -205,10 +193,10 @@ class Block(nn.Layer):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path_rate: float,
                  init_values: float | None = None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, epsilon=LN_EPS)
+        self.norm1 = LayerNorm(dim, epsilon=LN_EPS)
         self.attn = Attention(dim, num_heads)
         self.ls1 = LayerScale(dim, init_values) if init_values is not None else None
-        self.norm2 = nn.LayerNorm(dim, epsilon=LN_EPS)
+        self.norm2 = LayerNorm(dim, epsilon=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, init_values) if init_values is not None else None
         self.drop_path = DropPath(drop_path_rate)
@@ -266,9 +254,9 @@ class VisionTransformer(nn.Layer):
         if use_fc_norm:
             # RETFound deletes the encoder norm in this mode; the pooled feature gets its own LayerNorm.
             self.norm = None
-            self.fc_norm = nn.LayerNorm(embed_dim, epsilon=LN_EPS)
+            self.fc_norm = LayerNorm(embed_dim, epsilon=LN_EPS)
         else:
-            self.norm = nn.LayerNorm(embed_dim, epsilon=LN_EPS)
+            self.norm = LayerNorm(embed_dim, epsilon=LN_EPS)
             self.fc_norm = None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 

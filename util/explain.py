@@ -45,6 +45,7 @@ import paddle
 import paddle.nn.functional as F
 from PIL import Image
 
+from models.cpu_kernels import suspended as paddle_kernels_only
 from models.vit import VisionTransformer
 from util.errors import UserError
 from util.fileio import atomic_path
@@ -149,7 +150,8 @@ def _gradcam(model, images: paddle.Tensor, target) -> tuple[np.ndarray, np.ndarr
     vit = _find_vit(model)
     x = images.detach()
     x.stop_gradient = False   # a graph even when every parameter is frozen
-    with paddle.set_grad_enabled(True):
+    # paddle.grad of the features alone: Paddle's kernels (models/cpu_kernels.py ``suspended`` says why)
+    with paddle.set_grad_enabled(True), paddle_kernels_only():
         if vit is not None:
             def keep(layer, inputs, output):
                 captured.append(output)

@@ -1,0 +1,262 @@
+/* Row-wise and element-wise fp32 kernels for the eager CPU training step (models/cpu_kernels.py builds and
+ * loads this file; the Python side owns shapes, contiguity and autograd).
+ *
+ * Why: in Paddle 3.3's CPU build the backward of LayerNorm is a serial loop, exact GELU goes through serial
+ * loops around MKL's vsErf, and the bias gradient of a broadcast add is a slow column reduction; together
+ * they cost a ViT-B/16 step several hundred ms (benchmarks/elementwise_speed.py). These kernels compute the
+ * same formulas, vectorised by the compiler and split over the OpenMP threads Paddle already uses (GNU
+ * libgomp: Paddle sets its thread count with set_num_threads, MKL runs on the same runtime).
+ *
+ * Formulas (fp32 in and out; sums inside a row accumulate in double, so the order of the float terms does
+ * not matter for the result beyond rounding):
+ *   GELU (exact):  y = x * Phi(x),  Phi(x) = (1 + erf(x / sqrt 2)) / 2;  dy/dx = Phi(x) + x * phi(x)
+ *   LayerNorm over the last axis (rows x cols), xhat = (x - mean) * rstd, rstd = 1 / sqrt(var + eps):
+ *     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * w;  dw = sum_rows dy * xhat;  db = sum dy
+ *   softmax over the last axis: dx = y * (dy - sum(dy * y))
+ *   bias add y = x + b (b over the last axis): db = sum_rows dy
+ * Column sums (dw, db) accumulate in double too, per thread over a contiguous block of rows and then added block by block
+ * in a fixed order, so a given thread count gives the same bits on every call (a block is one part of the
+ * rows, whichever thread the runtime gives it).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+/* glibc >= 2.35 has SIMD versions of erff and expf (libmvec); its math.h declares them only under -ffast-math,
+ * which would also drop IEEE semantics (NaN, Inf) everywhere, so they are declared here instead. */
+#ifdef RF_LIBMVEC
+float erff(float) __attribute__((__simd__("notinbranch")));
+float expf(float) __attribute__((__simd__("notinbranch")));
+#endif
+
+#define RF_SQRT1_2 0.70710678118654752440f
+#define RF_INV_SQRT_2PI 0.39894228040143267794f
+
+int rf_abi_version(void) { return 2; }
+
+int rf_max_threads(void) { return omp_get_max_threads(); }
+
+void rf_gelu_fwd(const float *restrict x, float *restrict y, int64_t n) {
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+        float v = x[i];
+        y[i] = 0.5f * v * (1.0f + erff(v * RF_SQRT1_2));
+    }
+}
+
+void rf_gelu_bwd(const float *restrict x, const float *restrict dy, float *restrict dx, int64_t n) {
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+        float v = x[i];
+        float cdf = 0.5f * (1.0f + erff(v * RF_SQRT1_2));
+        float pdf = RF_INV_SQRT_2PI * expf(-0.5f * v * v);
+        dx[i] = dy[i] * (cdf + v * pdf);
+    }
+}
+
+/* The rows [lo, hi) a thread takes when `rows` are split into `parts` contiguous blocks. */
+static void rf_block(int64_t rows, int parts, int part, int64_t *lo, int64_t *hi) {
+    int64_t base = rows / parts, extra = rows % parts;
+    *lo = part * base + (part < extra ? part : extra);
+    *hi = *lo + base + (part < extra ? 1 : 0);
+}
+
+/* Adds per-block partial column sums (parts x cols, block order) into out (cols). */
+static void rf_reduce_parts(const double *parts_buf, int parts, int64_t cols, float *restrict out) {
+    for (int64_t c = 0; c < cols; ++c) {
+        double s = 0.0;
+        for (int p = 0; p < parts; ++p) s += parts_buf[(int64_t)p * cols + c];
+        out[c] = (float)s;
+    }
+}
+
+/* Returns 0, or -1 when the scratch memory could not be allocated (nothing written then). */
+int rf_layer_norm_bwd(const float *restrict x, const float *restrict w, const float *restrict dy,
+                      float *restrict dx, float *restrict dw, float *restrict db,
+                      int64_t rows, int64_t cols, float eps) {
+    int parts = omp_get_max_threads();
+    if (parts > rows) parts = rows > 0 ? (int)rows : 1;
+    double *scratch = (double *)calloc((size_t)parts * (size_t)(2 * cols), sizeof(double));
+    float *xhat_rows = (float *)malloc((size_t)parts * (size_t)cols * sizeof(float));  /* a row per part */
+    if (!scratch || !xhat_rows) { free(scratch); free(xhat_rows); return -1; }
+    double *dw_parts = scratch, *db_parts = scratch + (int64_t)parts * cols;
+#pragma omp parallel num_threads(parts)
+    for (int part = omp_get_thread_num(); part < parts; part += omp_get_num_threads()) {
+        int64_t lo, hi;
+        rf_block(rows, parts, part, &lo, &hi);
+        double *pdw = dw_parts + (int64_t)part * cols, *pdb = db_parts + (int64_t)part * cols;
+        float *xhat = xhat_rows + (int64_t)part * cols;
+        for (int64_t r = lo; r < hi; ++r) {
+            const float *xr = x + r * cols, *gr = dy + r * cols;
+            float *dxr = dx + r * cols;
+            double s = 0.0, ss = 0.0;
+            for (int64_t c = 0; c < cols; ++c) s += xr[c];
+            double mean = s / (double)cols;
+            for (int64_t c = 0; c < cols; ++c) { double d = xr[c] - mean; ss += d * d; }
+            float rstd = (float)(1.0 / sqrt(ss / (double)cols + (double)eps));
+            float fmean = (float)mean;
+            double sg = 0.0, sgx = 0.0;
+#pragma omp simd reduction(+:sg, sgx)
+            for (int64_t c = 0; c < cols; ++c) {
+                float xh = (xr[c] - fmean) * rstd;
+                float g = gr[c] * w[c];
+                xhat[c] = xh;
+                sg += g;
+                sgx += g * xh;
+                pdw[c] += gr[c] * xh;
+                pdb[c] += gr[c];
+            }
+            float mg = (float)(sg / (double)cols), mgx = (float)(sgx / (double)cols);
+#pragma omp simd
+            for (int64_t c = 0; c < cols; ++c)
+                dxr[c] = rstd * (gr[c] * w[c] - mg - xhat[c] * mgx);
+        }
+    }
+    rf_reduce_parts(dw_parts, parts, cols, dw);
+    rf_reduce_parts(db_parts, parts, cols, db);
+    free(scratch);
+    free(xhat_rows);
+    return 0;
+}
+
+/* One row of softmax, `in` to `out` (the same pointer for in place). */
+static void rf_softmax_row(const float *in, float *out, int64_t cols) {
+    float m = -INFINITY;
+    for (int64_t c = 0; c < cols; ++c) m = in[c] > m ? in[c] : m;
+    double s = 0.0;
+#pragma omp simd reduction(+:s)
+    for (int64_t c = 0; c < cols; ++c) {
+        float e = expf(in[c] - m);
+        out[c] = e;
+        s += e;
+    }
+    float inv = (float)(1.0 / s);
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) out[c] *= inv;
+}
+
+void rf_softmax_fwd(const float *x, float *y, int64_t rows, int64_t cols) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) rf_softmax_row(x + r * cols, y + r * cols, cols);
+}
+
+/* One row of the softmax gradient: dx = y * (dy - sum(dy * y)) (dx may be dy, for in place). */
+static void rf_softmax_grad_row(const float *y, const float *dy, float *dx, int64_t cols) {
+    double s = 0.0;
+#pragma omp simd reduction(+:s)
+    for (int64_t c = 0; c < cols; ++c) s += dy[c] * y[c];
+    float fs = (float)s;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) dx[c] = y[c] * (dy[c] - fs);
+}
+
+void rf_softmax_bwd(const float *y, const float *dy, float *dx, int64_t rows, int64_t cols) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) rf_softmax_grad_row(y + r * cols, dy + r * cols, dx + r * cols, cols);
+}
+
+void rf_bias_add(const float *restrict x, const float *restrict b, float *restrict y, int64_t rows,
+                 int64_t cols) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * cols;
+        float *yr = y + r * cols;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) yr[c] = xr[c] + b[c];
+    }
+}
+
+/* Returns 0, or -1 when the scratch memory could not be allocated. */
+int rf_column_sum(const float *restrict g, float *restrict out, int64_t rows, int64_t cols) {
+    int parts = omp_get_max_threads();
+    if (parts > rows) parts = rows > 0 ? (int)rows : 1;
+    double *parts_buf = (double *)calloc((size_t)parts * (size_t)cols, sizeof(double));
+    if (!parts_buf) return -1;
+#pragma omp parallel num_threads(parts)
+    for (int part = omp_get_thread_num(); part < parts; part += omp_get_num_threads()) {
+        int64_t lo, hi;
+        rf_block(rows, parts, part, &lo, &hi);
+        double *acc = parts_buf + (int64_t)part * cols;
+        for (int64_t r = lo; r < hi; ++r) {
+            const float *gr = g + r * cols;
+#pragma omp simd
+            for (int64_t c = 0; c < cols; ++c) acc[c] += gr[c];
+        }
+    }
+    rf_reduce_parts(parts_buf, parts, cols, out);
+    free(parts_buf);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------- attention
+ * softmax(scale * q k^T) v for every (batch, head), read straight from the qkv projection's output
+ * [B, N, 3, H, Dh] and written straight into [B, N, H * Dh]: the products take the row strides (3 * C for q,
+ * k, v; C for the output), so no head is ever transposed or copied. The products are the BLAS's cblas_sgemm
+ * (the MKL Paddle itself calls; Python hands its address to rf_set_sgemm), one (batch, head) per OpenMP
+ * iteration; MKL runs single-threaded inside a parallel region. `probs` [B, H, N, N] keeps the softmax for
+ * the backward pass (as the plain formulation does). */
+typedef void (*rf_sgemm_fn)(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc);
+static rf_sgemm_fn rf_sgemm = 0;
+enum { RF_ROW_MAJOR = 101, RF_NO_TRANS = 111, RF_TRANS = 112 };
+
+void rf_set_sgemm(void *fn) { rf_sgemm = (rf_sgemm_fn)fn; }
+
+/* Returns 0, or -1 when no sgemm was set. */
+int rf_attention_fwd(const float *qkv, float *probs, float *out, int64_t B, int64_t N, int64_t H,
+                     int64_t Dh, float scale) {
+    if (!rf_sgemm) return -1;
+    const int64_t C = H * Dh, ld = 3 * C;
+#pragma omp parallel for schedule(static)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+        int64_t b = bh / H, h = bh % H;
+        const float *q = qkv + b * N * ld + h * Dh, *k = q + C, *v = q + 2 * C;
+        float *p = probs + bh * N * N;
+        rf_sgemm(RF_ROW_MAJOR, RF_NO_TRANS, RF_TRANS, (int)N, (int)N, (int)Dh, scale, q, (int)ld, k, (int)ld,
+                 0.0f, p, (int)N);
+        for (int64_t r = 0; r < N; ++r) rf_softmax_row(p + r * N, p + r * N, N);
+        rf_sgemm(RF_ROW_MAJOR, RF_NO_TRANS, RF_NO_TRANS, (int)N, (int)Dh, (int)N, 1.0f, p, (int)N, v, (int)ld,
+                 0.0f, out + b * N * C + h * Dh, (int)C);
+    }
+    return 0;
+}
+
+/* d_out [B, N, C] -> d_qkv [B, N, 3, H, Dh]. Returns 0, -1 when no sgemm was set, -2 out of memory. */
+int rf_attention_bwd(const float *qkv, const float *probs, const float *d_out, float *d_qkv, int64_t B,
+                     int64_t N, int64_t H, int64_t Dh, float scale) {
+    if (!rf_sgemm) return -1;
+    const int64_t C = H * Dh, ld = 3 * C;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *ds = (float *)malloc((size_t)(N * N) * sizeof(float));  /* this thread's dP, then dS */
+        if (!ds) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; ++bh) {
+            if (!ds) continue;
+            int64_t b = bh / H, h = bh % H;
+            const float *q = qkv + b * N * ld + h * Dh, *k = q + C, *v = q + 2 * C;
+            float *dq = d_qkv + b * N * ld + h * Dh, *dk = dq + C, *dv = dq + 2 * C;
+            const float *p = probs + bh * N * N, *dout = d_out + b * N * C + h * Dh;
+            /* dV = P^T dO;  dP = dO V^T */
+            rf_sgemm(RF_ROW_MAJOR, RF_TRANS, RF_NO_TRANS, (int)N, (int)Dh, (int)N, 1.0f, p, (int)N, dout,
+                     (int)C, 0.0f, dv, (int)ld);
+            rf_sgemm(RF_ROW_MAJOR, RF_NO_TRANS, RF_TRANS, (int)N, (int)N, (int)Dh, 1.0f, dout, (int)C, v,
+                     (int)ld, 0.0f, ds, (int)N);
+            /* dS = P * (dP - rowsum(dP * P)) */
+            for (int64_t r = 0; r < N; ++r) rf_softmax_grad_row(p + r * N, ds + r * N, ds + r * N, N);
+            /* dQ = scale dS K;  dK = scale dS^T Q */
+            rf_sgemm(RF_ROW_MAJOR, RF_NO_TRANS, RF_NO_TRANS, (int)N, (int)Dh, (int)N, scale, ds, (int)N, k,
+                     (int)ld, 0.0f, dq, (int)ld);
+            rf_sgemm(RF_ROW_MAJOR, RF_TRANS, RF_NO_TRANS, (int)N, (int)Dh, (int)N, scale, ds, (int)N, q,
+                     (int)ld, 0.0f, dk, (int)ld);
+        }
+        free(ds);
+    }
+    return failed ? -2 : 0;
+}
