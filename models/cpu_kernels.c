@@ -34,7 +34,7 @@ float expf(float) __attribute__((__simd__("notinbranch")));
 #define RF_SQRT1_2 0.70710678118654752440f
 #define RF_INV_SQRT_2PI 0.39894228040143267794f
 
-int rf_abi_version(void) { return 2; }
+int rf_abi_version(void) { return 3; }
 
 int rf_max_threads(void) { return omp_get_max_threads(); }
 
@@ -259,4 +259,94 @@ int rf_attention_bwd(const float *qkv, const float *probs, const float *d_out, f
         free(ds);
     }
     return failed ? -2 : 0;
+}
+
+/* ------------------------------------------------------------------------------ depthwise convolution
+ * A k x k depthwise convolution (one filter per channel), stride 1, zero padding (k - 1) / 2 ("same"), NCHW,
+ * as ConvNeXt's 7 x 7 one. Per channel (the OpenMP iterations; every batch image of it in one thread, so the
+ * filter's gradient needs no cross-thread sum):
+ *   forward   y[i][j]  = b + sum_{u,v} w[u][v] x[i+u-p][j+v-p]
+ *   backward  dx[i][j] = sum_{u,v} w[u][v] dy[i-u+p][j-v+p]  (the forward with the filter turned by 180 deg)
+ *             dw[u][v] = sum_{n,i,j} dy[i][j] x[i+u-p][j+v-p],  db = sum dy
+ * The inner loops run along a row, so they vectorise. */
+
+/* out (H x W) += correlation of `in` (H x W, zero outside) with the k x k filter `w`; with `flip`, with the
+ * filter turned by 180 degrees (source row i - u + p for filter row u: the backward pass to the input). */
+static void rf_plane_corr(const float *restrict in, float *restrict out, const float *w, int64_t H, int64_t W,
+                          int64_t k, int flip) {
+    const int64_t p = (k - 1) / 2;
+    for (int64_t i = 0; i < H; ++i) {
+        float *orow = out + i * W;
+        for (int64_t u = 0; u < k; ++u) {
+            int64_t si = flip ? i - u + p : i + u - p;
+            if (si < 0 || si >= H) continue;
+            const float *irow = in + si * W;
+            for (int64_t v = 0; v < k; ++v) {
+                float wv = w[u * k + v];
+                /* the columns j whose source column j + (v - p) (or j - (v - p)) is inside the row */
+                int64_t off = flip ? p - v : v - p;
+                int64_t lo = off < 0 ? -off : 0, hi = off > 0 ? W - off : W;
+#pragma omp simd
+                for (int64_t j = lo; j < hi; ++j) orow[j] += wv * irow[j + off];
+            }
+        }
+    }
+}
+
+void rf_dwconv_fwd(const float *x, const float *w, const float *b, float *y, int64_t N, int64_t C, int64_t H,
+                   int64_t W, int64_t k) {
+    const int64_t plane = H * W;
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < C; ++c) {
+        for (int64_t n = 0; n < N; ++n) {
+            float *out = y + (n * C + c) * plane;
+            float bias = b ? b[c] : 0.0f;
+            for (int64_t t = 0; t < plane; ++t) out[t] = bias;
+            rf_plane_corr(x + (n * C + c) * plane, out, w + c * k * k, H, W, k, 0);
+        }
+    }
+}
+
+/* dx and db may be NULL (not wanted). */
+void rf_dwconv_bwd(const float *x, const float *w, const float *dy, float *dx, float *dw, float *db, int64_t N,
+                   int64_t C, int64_t H, int64_t W, int64_t k) {
+    const int64_t plane = H * W, p = (k - 1) / 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < C; ++c) {
+        double acc[k * k];
+        double bsum = 0.0;
+        for (int64_t t = 0; t < k * k; ++t) acc[t] = 0.0;
+        for (int64_t n = 0; n < N; ++n) {
+            const float *g = dy + (n * C + c) * plane, *in = x + (n * C + c) * plane;
+            if (dx) {
+                float *out = dx + (n * C + c) * plane;
+                for (int64_t t = 0; t < plane; ++t) out[t] = 0.0f;
+                rf_plane_corr(g, out, w + c * k * k, H, W, k, 1);
+            }
+            if (db) {
+                double s = 0.0;
+#pragma omp simd reduction(+:s)
+                for (int64_t t = 0; t < plane; ++t) s += g[t];
+                bsum += s;
+            }
+            for (int64_t u = 0; u < k; ++u) {
+                for (int64_t v = 0; v < k; ++v) {
+                    int64_t di = u - p, dj = v - p;
+                    int64_t ilo = di < 0 ? -di : 0, ihi = di > 0 ? H - di : H;
+                    int64_t jlo = dj < 0 ? -dj : 0, jhi = dj > 0 ? W - dj : W;
+                    double s = 0.0;
+                    for (int64_t i = ilo; i < ihi; ++i) {
+                        const float *grow = g + i * W, *irow = in + (i + di) * W + dj;
+                        float rs = 0.0f;
+#pragma omp simd reduction(+:rs)
+                        for (int64_t j = jlo; j < jhi; ++j) rs += grow[j] * irow[j];
+                        s += rs;
+                    }
+                    acc[u * k + v] += s;
+                }
+            }
+        }
+        for (int64_t t = 0; t < k * k; ++t) dw[c * k * k + t] = (float)acc[t];
+        if (db) db[c] = (float)bsum;
+    }
 }

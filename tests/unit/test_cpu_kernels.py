@@ -47,6 +47,14 @@ CASES = {
                 lambda rng: [rng.standard_normal((2, 3, 50, 50)) * 5], 1e-6),
     "bias_add": (lambda x, b: cpu_kernels.bias_add(x, b), lambda x, b: x + b,
                  lambda rng: [rng.standard_normal((4, 33, 300)), rng.standard_normal(300)], 0.0),
+    "depthwise_conv_7x7": (lambda x, w, b: cpu_kernels.depthwise_conv(x, w, b),
+                           lambda x, w, b: F.conv2d(x, w, b, padding=3, groups=x.shape[1]),
+                           lambda rng: [rng.standard_normal((2, 6, 13, 11)), rng.standard_normal((6, 1, 7, 7)),
+                                        rng.standard_normal(6)], 1e-5),
+    "depthwise_conv_3x3_tiny_map": (lambda x, w, b: cpu_kernels.depthwise_conv(x, w, b),
+                                    lambda x, w, b: F.conv2d(x, w, b, padding=1, groups=x.shape[1]),
+                                    lambda rng: [rng.standard_normal((3, 4, 2, 5)), rng.standard_normal((4, 1, 3, 3)),
+                                                 rng.standard_normal(4)], 1e-5),
 }
 
 
@@ -108,6 +116,22 @@ def test_attention_declines_what_it_does_not_cover():
     assert cpu_kernels.attention(x.reshape([2, 5, 3, 4]), 2, 0.5) is None  # not [B, N, 3C]
     with cpu_kernels.suspended():
         assert cpu_kernels.attention(x, 2, 0.5) is None
+
+
+@needs_build
+def test_use_in_switches_only_the_layers_the_kernels_cover_and_keeps_the_parameters():
+    from models import create_model
+
+    model = create_model("convnext_test", num_classes=3)
+    names = [n for n, _ in model.named_parameters()]
+    convs = [m for m in model.sublayers() if isinstance(m, paddle.nn.Conv2D)]
+    switched = [m for m in convs if type(m) is cpu_kernels.DepthwiseConv2D]
+    assert switched and all(m._groups == m._in_channels and m._kernel_size == [7, 7] for m in switched)
+    assert all(type(m) is paddle.nn.Conv2D for m in convs if m._groups == 1)   # stem, downsampling: untouched
+    assert cpu_kernels.use_in(model) == 0                                      # nothing left to switch
+    assert [n for n, _ in model.named_parameters()] == names
+    strided = paddle.nn.Conv2D(4, 4, 3, stride=2, padding=1, groups=4)
+    assert cpu_kernels.use_in(strided) == 0 and type(strided) is paddle.nn.Conv2D
 
 
 @needs_build
