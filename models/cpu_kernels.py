@@ -381,8 +381,9 @@ class _DepthwiseConv(PyLayer):
         N, C, H, W = x.shape
         k = weight.shape[-1]
         y = paddle.empty(x.shape, dtype=x.dtype)
-        _state["lib"].rf_dwconv_fwd(_p(x), _p(weight), _p(bias), _p(y), N, C, H, W, k)
-        ctx.wanted = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
+        _state["lib"].rf_dwconv_fwd(_p(x), _p(weight), None if bias is None else _p(bias), _p(y), N, C, H, W, k)
+        ctx.wanted = (not x.stop_gradient, not weight.stop_gradient) + \
+            (() if bias is None else (not bias.stop_gradient,))
         ctx.save_for_backward(x, weight)
         return y
 
@@ -394,17 +395,17 @@ class _DepthwiseConv(PyLayer):
         k = weight.shape[-1]
         dx = paddle.empty(x.shape, dtype=x.dtype) if ctx.wanted[0] else None
         dw = paddle.empty(weight.shape, dtype=weight.dtype)
-        db = paddle.empty([C], dtype=x.dtype)
-        _state["lib"].rf_dwconv_bwd(_p(x), _p(weight), _p(dy), _p(dx) if dx is not None else None, _p(dw), _p(db),
-                                    N, C, H, W, k)
-        return _wanted(ctx, dx, dw, db)
+        db = paddle.empty([C], dtype=x.dtype) if len(ctx.wanted) == 3 else None
+        _state["lib"].rf_dwconv_bwd(_p(x), _p(weight), _p(dy), None if dx is None else _p(dx), _p(dw),
+                                    None if db is None else _p(db), N, C, H, W, k)
+        return _wanted(ctx, dx, dw, db)   # (a bias of None is no input: two gradients then)
 
 
 def depthwise_conv(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor | None:
-    """A k x k depthwise convolution, stride 1, "same" zero padding, NCHW, with a bias: ``x`` [N, C, H, W],
-    ``weight`` [C, 1, k, k] (k odd); ``None`` where the kernel does not apply."""
+    """A k x k depthwise convolution, stride 1, "same" zero padding, NCHW, with a bias or none (``None``): ``x``
+    [N, C, H, W], ``weight`` [C, 1, k, k] (k odd); ``None`` where the kernel does not apply."""
     if (x.ndim != 4 or weight.ndim != 4 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1
-            or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 == 0 or bias is None
+            or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 == 0
             or not applies(x) or weight.dtype != x.dtype):
         return None
     return _DepthwiseConv.apply(x, weight, bias)
@@ -455,7 +456,8 @@ class GELU(nn.GELU):
 
 class DepthwiseConv2D(nn.Conv2D):
     """``nn.Conv2D`` with one k x k filter per channel (``groups`` = channels), stride 1, "same" padding, on this
-    module's kernel on CPU in eager mode (Paddle's CPU depthwise convolution took 44% of a ConvNeXt-S step);
+    module's kernel on CPU in eager mode (Paddle's CPU depthwise convolution took 44% of a ConvNeXt-S step;
+    EfficientNet's stride-1 3 x 3 and 5 x 5 ones, without bias, are of the same form);
     ``use_in`` switches only layers of that form to this class."""
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -467,8 +469,8 @@ def _is_same_depthwise(layer: nn.Conv2D) -> bool:
     k = layer._kernel_size
     return (layer._groups == layer._in_channels == layer._out_channels and len(k) == 2 and k[0] == k[1]
             and k[0] % 2 == 1 and list(layer._stride) == [1, 1] and list(layer._dilation) == [1, 1]
-            and layer._padding == (k[0] - 1) // 2 and layer._padding_mode == "zeros"
-            and layer._data_format == "NCHW" and layer.bias is not None)
+            and (layer._padding == (k[0] - 1) // 2 or str(layer._padding).upper() == "SAME")
+            and layer._padding_mode == "zeros" and layer._data_format == "NCHW")
 
 
 def use_in(model: nn.Layer) -> int:

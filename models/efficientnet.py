@@ -41,6 +41,7 @@ from paddle import nn
 from paddle.utils import unique_name
 
 from models.cnn import PaddleClasCNN, _quiet, check_drop_path
+from models.cpu_kernels import use_in as use_cpu_kernels
 from models.registry import register_model
 
 # efficientnet_test: the B0 layout at width x0.25 and depth x0.5 (1-2 blocks per stage, repeated blocks
@@ -123,6 +124,7 @@ class PaddleClasEfficientNet(PaddleClasCNN):
         for p in net.parameters():
             p.name = unique_name.generate(p.name)
         use_dynamic_same_padding(net, E.Conv2ds)
+        use_cpu_kernels(net)   # stride-1 depthwise convolutions on the compiled CPU kernel (same parameters)
         self.backbone = net
         self.drop_path_rate = drop_path_rate
 
@@ -160,6 +162,7 @@ class PaddleClasEfficientNetV2(PaddleClasCNN):
         net = V2.EfficientNetV2(model_name, cfg.blocks_args, cfg, include_top=True, class_num=max(num_classes, 1),
                                 padding_type="SAME")
         use_dynamic_same_padding(net, V2.Conv2ds)
+        use_cpu_kernels(net)   # stride-1 depthwise convolutions on the compiled CPU kernel (same parameters)
         quiet_batch_norms(net)
         self.backbone = net
         self.drop_path_rate = drop_path_rate

@@ -55,6 +55,10 @@ CASES = {
                                     lambda x, w, b: F.conv2d(x, w, b, padding=1, groups=x.shape[1]),
                                     lambda rng: [rng.standard_normal((3, 4, 2, 5)), rng.standard_normal((4, 1, 3, 3)),
                                                  rng.standard_normal(4)], 1e-5),
+    "depthwise_conv_5x5_no_bias": (lambda x, w: cpu_kernels.depthwise_conv(x, w, None),
+                                   lambda x, w: F.conv2d(x, w, None, padding="SAME", groups=x.shape[1]),
+                                   lambda rng: [rng.standard_normal((2, 5, 9, 9)), rng.standard_normal((5, 1, 5, 5))],
+                                   1e-5),
 }
 
 
@@ -132,6 +136,10 @@ def test_use_in_switches_only_the_layers_the_kernels_cover_and_keeps_the_paramet
     assert [n for n, _ in model.named_parameters()] == names
     strided = paddle.nn.Conv2D(4, 4, 3, stride=2, padding=1, groups=4)
     assert cpu_kernels.use_in(strided) == 0 and type(strided) is paddle.nn.Conv2D
+    effnet = create_model("efficientnet_test", num_classes=3)
+    depthwise = [m for m in effnet.sublayers() if isinstance(m, paddle.nn.Conv2D) and m._groups > 1]
+    assert all((type(m) is cpu_kernels.DepthwiseConv2D) == (list(m._stride) == [1, 1]) for m in depthwise)
+    assert any(type(m) is cpu_kernels.DepthwiseConv2D for m in depthwise)
 
 
 @needs_build

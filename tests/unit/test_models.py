@@ -202,7 +202,8 @@ def test_drop_path_reaches_the_backbones():
     m = create_model("convnext_test", num_classes=3, drop_path_rate=0.5)
     x = paddle.randn([4, 3, 32, 32])
     m.train()
-    assert not np.allclose(m(x).numpy(), m(x).numpy())
+    # not allclose: LayerScale starts at 1e-6, so a dropped branch moves the logits by about 1e-7 only
+    assert not np.array_equal(m(x).numpy(), m(x).numpy())
     m.eval()
     np.testing.assert_array_equal(m(x).numpy(), m(x).numpy())
 
