@@ -67,7 +67,12 @@ def main(cfg) -> dict:
     for line in cfg._notes + config_warnings(cfg):
         say(line)
     device, amp = select_device(cfg.device, cfg.amp, cfg.amp_dtype, say)
-    say(f"CPU math: {MATH_THREADS} thread(s), {BLAS}")
+    if device == "cpu":   # models/cpu_kernels.py: the compiled kernels of the eager step, or why not
+        from models.cpu_kernels import status as kernel_status
+
+        say(f"CPU math: {MATH_THREADS} thread(s), {BLAS}; {kernel_status()}")
+    else:
+        say(f"CPU math: {MATH_THREADS} thread(s), {BLAS}")
     seed = seed_everything(cfg.seed + D.get_rank())
     model_name = resolve_model_name(cfg.model, cfg.model_arch)
     data_name = os.path.splitext(os.path.basename(os.path.normpath(cfg.data_path)))[0]

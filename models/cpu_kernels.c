@@ -31,6 +31,9 @@ float erff(float) __attribute__((__simd__("notinbranch")));
 float expf(float) __attribute__((__simd__("notinbranch")));
 #endif
 
+/* Below this many elements a kernel runs on the calling thread: waking the other threads costs more. */
+#define RF_PARALLEL_MIN ((int64_t)1 << 15)
+
 #define RF_SQRT1_2 0.70710678118654752440f
 #define RF_INV_SQRT_2PI 0.39894228040143267794f
 
@@ -39,7 +42,7 @@ int rf_abi_version(void) { return 3; }
 int rf_max_threads(void) { return omp_get_max_threads(); }
 
 void rf_gelu_fwd(const float *restrict x, float *restrict y, int64_t n) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n >= RF_PARALLEL_MIN)
     for (int64_t i = 0; i < n; ++i) {
         float v = x[i];
         y[i] = 0.5f * v * (1.0f + erff(v * RF_SQRT1_2));
@@ -47,7 +50,7 @@ void rf_gelu_fwd(const float *restrict x, float *restrict y, int64_t n) {
 }
 
 void rf_gelu_bwd(const float *restrict x, const float *restrict dy, float *restrict dx, int64_t n) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n >= RF_PARALLEL_MIN)
     for (int64_t i = 0; i < n; ++i) {
         float v = x[i];
         float cdf = 0.5f * (1.0f + erff(v * RF_SQRT1_2));
@@ -76,7 +79,7 @@ static void rf_reduce_parts(const double *parts_buf, int parts, int64_t cols, fl
 int rf_layer_norm_bwd(const float *restrict x, const float *restrict w, const float *restrict dy,
                       float *restrict dx, float *restrict dw, float *restrict db,
                       int64_t rows, int64_t cols, float eps) {
-    int parts = omp_get_max_threads();
+    int parts = rows * cols >= RF_PARALLEL_MIN ? omp_get_max_threads() : 1;
     if (parts > rows) parts = rows > 0 ? (int)rows : 1;
     double *scratch = (double *)calloc((size_t)parts * (size_t)(2 * cols), sizeof(double));
     float *xhat_rows = (float *)malloc((size_t)parts * (size_t)cols * sizeof(float));  /* a row per part */
@@ -138,7 +141,7 @@ static void rf_softmax_row(const float *in, float *out, int64_t cols) {
 }
 
 void rf_softmax_fwd(const float *x, float *y, int64_t rows, int64_t cols) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * cols >= RF_PARALLEL_MIN)
     for (int64_t r = 0; r < rows; ++r) rf_softmax_row(x + r * cols, y + r * cols, cols);
 }
 
@@ -153,13 +156,13 @@ static void rf_softmax_grad_row(const float *y, const float *dy, float *dx, int6
 }
 
 void rf_softmax_bwd(const float *y, const float *dy, float *dx, int64_t rows, int64_t cols) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * cols >= RF_PARALLEL_MIN)
     for (int64_t r = 0; r < rows; ++r) rf_softmax_grad_row(y + r * cols, dy + r * cols, dx + r * cols, cols);
 }
 
 void rf_bias_add(const float *restrict x, const float *restrict b, float *restrict y, int64_t rows,
                  int64_t cols) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * cols >= RF_PARALLEL_MIN)
     for (int64_t r = 0; r < rows; ++r) {
         const float *xr = x + r * cols;
         float *yr = y + r * cols;
@@ -170,7 +173,7 @@ void rf_bias_add(const float *restrict x, const float *restrict b, float *restri
 
 /* Returns 0, or -1 when the scratch memory could not be allocated. */
 int rf_column_sum(const float *restrict g, float *restrict out, int64_t rows, int64_t cols) {
-    int parts = omp_get_max_threads();
+    int parts = rows * cols >= RF_PARALLEL_MIN ? omp_get_max_threads() : 1;
     if (parts > rows) parts = rows > 0 ? (int)rows : 1;
     double *parts_buf = (double *)calloc((size_t)parts * (size_t)cols, sizeof(double));
     if (!parts_buf) return -1;
@@ -209,7 +212,7 @@ int rf_attention_fwd(const float *qkv, float *probs, float *out, int64_t B, int6
                      int64_t Dh, float scale) {
     if (!rf_sgemm) return -1;
     const int64_t C = H * Dh, ld = 3 * C;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * H * N * N >= RF_PARALLEL_MIN)
     for (int64_t bh = 0; bh < B * H; ++bh) {
         int64_t b = bh / H, h = bh % H;
         const float *q = qkv + b * N * ld + h * Dh, *k = q + C, *v = q + 2 * C;
@@ -229,7 +232,7 @@ int rf_attention_bwd(const float *qkv, const float *probs, const float *d_out, f
     if (!rf_sgemm) return -1;
     const int64_t C = H * Dh, ld = 3 * C;
     int failed = 0;
-#pragma omp parallel
+#pragma omp parallel if (B * H * N * N >= RF_PARALLEL_MIN)
     {
         float *ds = (float *)malloc((size_t)(N * N) * sizeof(float));  /* this thread's dP, then dS */
         if (!ds) {
@@ -296,7 +299,7 @@ static void rf_plane_corr(const float *restrict in, float *restrict out, const f
 void rf_dwconv_fwd(const float *x, const float *w, const float *b, float *y, int64_t N, int64_t C, int64_t H,
                    int64_t W, int64_t k) {
     const int64_t plane = H * W;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * C * plane >= RF_PARALLEL_MIN)
     for (int64_t c = 0; c < C; ++c) {
         for (int64_t n = 0; n < N; ++n) {
             float *out = y + (n * C + c) * plane;
@@ -311,7 +314,7 @@ void rf_dwconv_fwd(const float *x, const float *w, const float *b, float *y, int
 void rf_dwconv_bwd(const float *x, const float *w, const float *dy, float *dx, float *dw, float *db, int64_t N,
                    int64_t C, int64_t H, int64_t W, int64_t k) {
     const int64_t plane = H * W, p = (k - 1) / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * C * plane >= RF_PARALLEL_MIN)
     for (int64_t c = 0; c < C; ++c) {
         double acc[k * k];
         double bsum = 0.0;
