@@ -18,6 +18,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from util.cli import interrupt_in_backward
 from util.distributed import all_reduce_mean, gather_rows, get_rank, get_world_size
 from util.errors import UserError, close_matches
 from util.inference import AmpConfig
@@ -287,7 +288,7 @@ def train_one_epoch(model, criterion: Callable, data_loader, optimizer, epoch: i
                     "the last saved checkpoint was left untouched")
             update = (step + 1) % accum_iter == 0
             sync = contextlib.nullcontext() if (update or not distributed) else model.no_sync()
-            with sync:
+            with sync, interrupt_in_backward():
                 scaled = loss / accum_iter
                 if scaler is not None:
                     scaler.scale(scaled).backward()

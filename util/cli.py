@@ -7,6 +7,7 @@ read-only folder or a full disk (2). Anything else is a bug and keeps its traceb
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import sys
@@ -28,6 +29,20 @@ def sigterm_as_interrupt() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+
+
+@contextlib.contextmanager
+def interrupt_in_backward():
+    """Around ``loss.backward()``: a Ctrl-C or SIGTERM that lands while Paddle's backward pass runs Python code
+    (a ``PyLayer``'s backward: ``models/cpu_kernels.py``) comes out of Paddle as an ``OSError`` ("(External)
+    ... KeyboardInterrupt"); it is raised here as the ``KeyboardInterrupt`` it was, so the run ends as after
+    any other interrupt. Every other error passes unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if "KeyboardInterrupt" not in str(exc):
+            raise
+        raise KeyboardInterrupt from None
 
 
 def _say(text: str) -> None:

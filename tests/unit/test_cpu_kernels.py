@@ -265,3 +265,30 @@ def test_a_failing_build_falls_back_with_the_compilers_message(tmp_path):
     status, err, _ = _child(tmp_path, "badcc", CC=str(fake), XDG_CACHE_HOME=str(tmp_path / "c"))
     assert "broken compiler" in status and "broken compiler" in err
     assert not list((tmp_path / "c").rglob("*.so"))  # nothing half-built left in the cache
+
+
+def test_an_interrupt_inside_a_pylayer_backward_is_a_keyboard_interrupt_again():
+    """Paddle turns an exception raised in a PyLayer's backward (a signal handler's KeyboardInterrupt, when
+    SIGTERM or Ctrl-C lands there) into an OSError; ``util.cli.interrupt_in_backward`` around the training
+    step's backward gives the KeyboardInterrupt back, and leaves other errors as they are."""
+    from paddle.autograd import PyLayer
+
+    from util.cli import interrupt_in_backward
+
+    class Interrupted(PyLayer):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, dy):
+            raise KeyboardInterrupt
+
+    x = paddle.ones([3])
+    x.stop_gradient = False
+    with pytest.raises(OSError, match="KeyboardInterrupt"):   # what Paddle does on its own
+        Interrupted.apply(x).sum().backward()
+    with pytest.raises(KeyboardInterrupt), interrupt_in_backward():
+        Interrupted.apply(x).sum().backward()
+    with pytest.raises(OSError, match="disk full"), interrupt_in_backward():
+        raise OSError("disk full")
