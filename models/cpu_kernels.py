@@ -120,8 +120,11 @@ def _build(cc: str) -> tuple[str | None, str]:
     complaint = ""
     # With glibc's vector erff/expf first (glibc >= 2.35), else the scalar ones.
     for extra in (["-DRF_LIBMVEC", "-lmvec"], []):
-        fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so", dir=folder)
-        os.close(fd)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so", dir=folder)
+            os.close(fd)
+        except OSError as e:   # a read-only cache folder
+            return None, f"cannot write in {folder}: {e}; set XDG_CACHE_HOME to a writable folder"
         try:
             run = subprocess.run([cc, *_BASE_FLAGS, *extra[:1], SOURCE, "-o", tmp, *extra[1:], "-lm"],
                                  capture_output=True, text=True, timeout=300)

@@ -256,6 +256,21 @@ def test_without_a_compiler_paddles_kernels_run_and_it_says_why(tmp_path):
     assert np.isfinite(out["loss"]).all()
 
 
+def test_a_cache_folder_it_cannot_write_in_is_a_reason_not_a_crash(tmp_path, monkeypatch):
+    """(A read-only folder; simulated, since root may write anywhere.)"""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cpu_kernels.tempfile, "mkstemp", refuse)
+    cc = cpu_kernels._compiler()
+    if cc is None:
+        pytest.skip("no C compiler here")
+    path, reason = cpu_kernels._build(cc)
+    assert path is None and "cannot write in" in reason and "XDG_CACHE_HOME" in reason
+
+
 def test_a_failing_build_falls_back_with_the_compilers_message(tmp_path):
     fake = tmp_path / "bin" / "gcc"
     fake.parent.mkdir()
