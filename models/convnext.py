@@ -14,11 +14,28 @@ References: PaddleClas ``ppcls/arch/backbone/model_zoo/convnext.py`` (imported, 
 """
 from __future__ import annotations
 
+import functools
+
 import paddle
 
 from models.cnn import PaddleClasCNN, _quiet, check_drop_path
+from models.cpu_kernels import channels_first_layer_norm
 from models.cpu_kernels import use_in as use_cpu_kernels
 from models.registry import register_model
+
+
+@functools.lru_cache(maxsize=None)
+def _fast_channels_first_norm() -> type:
+    """PaddleClas's ``ChannelsFirstLayerNorm`` (mean, pow, divide ops) on the compiled CPU kernel
+    (``models/cpu_kernels.py``) where it applies; its own forward elsewhere."""
+    from paddleclas.ppcls.arch.backbone.model_zoo.convnext import ChannelsFirstLayerNorm
+
+    class FastChannelsFirstLayerNorm(ChannelsFirstLayerNorm):
+        def forward(self, x):
+            out = channels_first_layer_norm(x, self.weight, self.bias, self.epsilon)
+            return super().forward(x) if out is None else out
+
+    return FastChannelsFirstLayerNorm
 
 
 class PaddleClasConvNeXt(PaddleClasCNN):
@@ -33,8 +50,12 @@ class PaddleClasConvNeXt(PaddleClasCNN):
 
             self.backbone = ConvNeXt(depths=depths, dims=dims, drop_path_rate=drop_path_rate,
                                      class_num=max(num_classes, 1))
-        # the blocks' LayerNorm, pointwise Linears and GELU on the compiled CPU kernels (same parameters)
+        # the blocks' depthwise convolution, LayerNorm, pointwise Linears and GELU on the compiled CPU kernels
         use_cpu_kernels(self.backbone)
+        fast = _fast_channels_first_norm()
+        for layer in self.backbone.sublayers():
+            if type(layer) is fast.__base__:
+                layer.__class__ = fast   # same parameters; the stem's and downsampling layers' LayerNorm
         net = self.backbone
         self.drop_path_rate = drop_path_rate
         stages = [[net.downsample_layers[0]], [net.stages[0]]]

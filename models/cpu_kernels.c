@@ -37,7 +37,7 @@ float expf(float) __attribute__((__simd__("notinbranch")));
 #define RF_SQRT1_2 0.70710678118654752440f
 #define RF_INV_SQRT_2PI 0.39894228040143267794f
 
-int rf_abi_version(void) { return 3; }
+int rf_abi_version(void) { return 4; }
 
 int rf_max_threads(void) { return omp_get_max_threads(); }
 
@@ -352,4 +352,90 @@ void rf_dwconv_bwd(const float *x, const float *w, const float *dy, float *dx, f
         for (int64_t t = 0; t < k * k; ++t) dw[c * k * k + t] = (float)acc[t];
         if (db) db[c] = (float)bsum;
     }
+}
+
+/* ------------------------------------------------------------------------ channels-first LayerNorm
+ * LayerNorm over the channels of an NCHW map (ConvNeXt's stem and downsampling layers): for every image n and
+ * position p (P = H * W), over c: xhat = (x - mean) * rstd, y = w[c] xhat + b[c]; the backward as the row
+ * LayerNorm's, with dw, db summed over images and positions. The loops over c stride by P; the inner loops run
+ * over contiguous positions, so they vectorise. mean and rstd [N, P] are kept for the backward pass. Work is
+ * split by image (images per part in a fixed order, so the column sums have a fixed order too). */
+void rf_cf_layer_norm_fwd(const float *x, const float *w, const float *b, float *y, float *mean_out,
+                          float *rstd_out, int64_t N, int64_t C, int64_t P, float eps) {
+#pragma omp parallel for schedule(static) if (N * C * P >= RF_PARALLEL_MIN)
+    for (int64_t n = 0; n < N; ++n) {
+        const float *xn = x + n * C * P;
+        float *yn = y + n * C * P, *mean = mean_out + n * P, *rstd = rstd_out + n * P;
+        for (int64_t p = 0; p < P; ++p) mean[p] = 0.0f;
+        for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+            for (int64_t p = 0; p < P; ++p) mean[p] += xn[c * P + p];
+        }
+        for (int64_t p = 0; p < P; ++p) { mean[p] /= (float)C; rstd[p] = 0.0f; }
+        for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+            for (int64_t p = 0; p < P; ++p) { float d = xn[c * P + p] - mean[p]; rstd[p] += d * d; }
+        }
+        for (int64_t p = 0; p < P; ++p) rstd[p] = 1.0f / sqrtf(rstd[p] / (float)C + eps);
+        for (int64_t c = 0; c < C; ++c) {
+            float wc = w[c], bc = b[c];
+#pragma omp simd
+            for (int64_t p = 0; p < P; ++p) yn[c * P + p] = (xn[c * P + p] - mean[p]) * rstd[p] * wc + bc;
+        }
+    }
+}
+
+/* Returns 0, or -1 when the scratch memory could not be allocated. */
+int rf_cf_layer_norm_bwd(const float *x, const float *w, const float *mean_in, const float *rstd_in,
+                         const float *dy, float *dx, float *dw, float *db, int64_t N, int64_t C, int64_t P) {
+    int parts = N * C * P >= RF_PARALLEL_MIN ? omp_get_max_threads() : 1;
+    if (parts > N) parts = N > 0 ? (int)N : 1;
+    double *scratch = (double *)calloc((size_t)parts * (size_t)(2 * C), sizeof(double));
+    float *rows = (float *)malloc((size_t)parts * (size_t)(2 * P) * sizeof(float));
+    if (!scratch || !rows) { free(scratch); free(rows); return -1; }
+#pragma omp parallel num_threads(parts)
+    for (int part = omp_get_thread_num(); part < parts; part += omp_get_num_threads()) {
+        int64_t lo, hi;
+        rf_block(N, parts, part, &lo, &hi);
+        double *pdw = scratch + (int64_t)part * 2 * C, *pdb = pdw + C;
+        float *mg = rows + (int64_t)part * 2 * P, *mgx = mg + P;   /* mean over c of g and of g * xhat */
+        for (int64_t n = lo; n < hi; ++n) {
+            const float *xn = x + n * C * P, *gn = dy + n * C * P, *mean = mean_in + n * P, *rstd = rstd_in + n * P;
+            float *dxn = dx ? dx + n * C * P : 0;
+            for (int64_t p = 0; p < P; ++p) { mg[p] = 0.0f; mgx[p] = 0.0f; }
+            for (int64_t c = 0; c < C; ++c) {
+                float wc = w[c];
+                double sw = 0.0, sb = 0.0;
+#pragma omp simd reduction(+:sw, sb)
+                for (int64_t p = 0; p < P; ++p) {
+                    float xh = (xn[c * P + p] - mean[p]) * rstd[p], g = gn[c * P + p];
+                    mg[p] += g * wc;
+                    mgx[p] += g * wc * xh;
+                    sw += g * xh;
+                    sb += g;
+                }
+                pdw[c] += sw;
+                pdb[c] += sb;
+            }
+            if (!dxn) continue;
+            for (int64_t p = 0; p < P; ++p) { mg[p] /= (float)C; mgx[p] /= (float)C; }
+            for (int64_t c = 0; c < C; ++c) {
+                float wc = w[c];
+#pragma omp simd
+                for (int64_t p = 0; p < P; ++p) {
+                    float xh = (xn[c * P + p] - mean[p]) * rstd[p];
+                    dxn[c * P + p] = rstd[p] * (gn[c * P + p] * wc - mg[p] - xh * mgx[p]);
+                }
+            }
+        }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        double sw = 0.0, sb = 0.0;
+        for (int p = 0; p < parts; ++p) { sw += scratch[(int64_t)p * 2 * C + c]; sb += scratch[(int64_t)p * 2 * C + C + c]; }
+        dw[c] = (float)sw;
+        db[c] = (float)sb;
+    }
+    free(scratch);
+    free(rows);
+    return 0;
 }

@@ -50,7 +50,7 @@ from paddle.autograd import PyLayer
 
 ENV = "RETFOUND_CPU_KERNELS"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
-ABI_VERSION = 3
+ABI_VERSION = 4
 _BASE_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
 
 _lock = threading.Lock()
@@ -68,6 +68,8 @@ _SIGNATURES = {
     "rf_bias_add": ([_ptr, _ptr, _ptr, _i64, _i64], None),
     "rf_column_sum": ([_ptr, _ptr, _i64, _i64], ctypes.c_int),
     "rf_set_sgemm": ([_ptr], None),
+    "rf_cf_layer_norm_fwd": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f32], None),
+    "rf_cf_layer_norm_bwd": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64], ctypes.c_int),
     "rf_dwconv_fwd": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64], None),
     "rf_dwconv_bwd": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64], None),
     "rf_attention_fwd": ([_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _f32], ctypes.c_int),
@@ -412,6 +414,45 @@ def depthwise_conv(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor)
             or not applies(x) or weight.dtype != x.dtype):
         return None
     return _DepthwiseConv.apply(x, weight, bias)
+
+
+class _ChannelsFirstLayerNorm(PyLayer):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        x = _dense(x)
+        N, C = x.shape[:2]
+        P = x.size // (N * C)
+        y = paddle.empty(x.shape, dtype=x.dtype)
+        mean = paddle.empty([N, P], dtype=x.dtype)
+        rstd = paddle.empty([N, P], dtype=x.dtype)
+        _state["lib"].rf_cf_layer_norm_fwd(_p(x), _p(weight), _p(bias), _p(y), _p(mean), _p(rstd), N, C, P,
+                                           float(eps))
+        ctx.wanted = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensor()
+        dy = _dense(dy)
+        N, C = x.shape[:2]
+        P = x.size // (N * C)
+        dx = paddle.empty(x.shape, dtype=x.dtype) if ctx.wanted[0] else None
+        dw = paddle.empty([C], dtype=x.dtype)
+        db = paddle.empty([C], dtype=x.dtype)
+        if _state["lib"].rf_cf_layer_norm_bwd(_p(x), _p(weight), _p(mean), _p(rstd), _p(dy),
+                                              None if dx is None else _p(dx), _p(dw), _p(db), N, C, P):
+            raise MemoryError("LayerNorm backward: out of memory for the column sums")
+        return _wanted(ctx, dx, dw, db)
+
+
+def channels_first_layer_norm(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor,
+                              eps: float) -> paddle.Tensor | None:
+    """LayerNorm over axis 1 of [N, C, ...] (ConvNeXt's channels-first LayerNorm), affine per channel; ``None``
+    where the kernel does not apply."""
+    if x.ndim < 3 or weight is None or bias is None or weight.shape != [x.shape[1]] or not applies(x):
+        return None
+    return _ChannelsFirstLayerNorm.apply(x, weight, bias, eps)
 
 
 # ----------------------------------------------------------------------------------------------- layers

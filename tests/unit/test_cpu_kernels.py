@@ -36,6 +36,13 @@ def _max_rel(a, ref):
     return float(np.abs(a - ref).max() / np.abs(ref).max())
 
 
+def _channels_first_plain(x, w, b, eps):
+    """PaddleClas ConvNeXt's ``ChannelsFirstLayerNorm.forward``, as Paddle ops."""
+    u = x.mean(1, keepdim=True)
+    s = (x - u).pow(2).mean(1, keepdim=True)
+    return w[:, None, None] * ((x - u) / paddle.sqrt(s + eps)) + b[:, None, None]
+
+
 CASES = {
     "gelu": (lambda x: cpu_kernels.gelu(x), lambda x: F.gelu(x, approximate=False),
              lambda rng: [rng.standard_normal((3, 37, 256)) * 3], 1e-6),
@@ -47,6 +54,10 @@ CASES = {
                 lambda rng: [rng.standard_normal((2, 3, 50, 50)) * 5], 1e-6),
     "bias_add": (lambda x, b: cpu_kernels.bias_add(x, b), lambda x, b: x + b,
                  lambda rng: [rng.standard_normal((4, 33, 300)), rng.standard_normal(300)], 0.0),
+    "channels_first_layer_norm": (lambda x, w, b: cpu_kernels.channels_first_layer_norm(x, w, b, 1e-6),
+                                  lambda x, w, b: _channels_first_plain(x, w, b, 1e-6),
+                                  lambda rng: [rng.standard_normal((3, 24, 5, 7)) * 2 + 1, rng.standard_normal(24),
+                                               rng.standard_normal(24)], 1e-6),
     "depthwise_conv_7x7": (lambda x, w, b: cpu_kernels.depthwise_conv(x, w, b),
                            lambda x, w, b: F.conv2d(x, w, b, padding=3, groups=x.shape[1]),
                            lambda rng: [rng.standard_normal((2, 6, 13, 11)), rng.standard_normal((6, 1, 7, 7)),
@@ -133,6 +144,7 @@ def test_use_in_switches_only_the_layers_the_kernels_cover_and_keeps_the_paramet
     assert switched and all(m._groups == m._in_channels and m._kernel_size == [7, 7] for m in switched)
     assert all(type(m) is paddle.nn.Conv2D for m in convs if m._groups == 1)   # stem, downsampling: untouched
     assert cpu_kernels.use_in(model) == 0                                      # nothing left to switch
+    assert sum(type(m).__name__ == "FastChannelsFirstLayerNorm" for m in model.sublayers()) == 4   # stem + 3
     assert [n for n, _ in model.named_parameters()] == names
     strided = paddle.nn.Conv2D(4, 4, 3, stride=2, padding=1, groups=4)
     assert cpu_kernels.use_in(strided) == 0 and type(strided) is paddle.nn.Conv2D
