@@ -1,4 +1,4 @@
-"""Faster fp32 CPU kernels for the eager step: GELU, LayerNorm backward, softmax, bias add, attention.
+"""Faster fp32 CPU kernels for the eager step: GELU, LayerNorm, softmax, bias add, attention, depthwise conv.
 
 Paddle 3.3's CPU build runs several kernels of a transformer step on one thread or through slow loops:
 LayerNorm's backward is a serial kernel, exact GELU is serial loops around MKL's ``vsErf``, softmax's forward
