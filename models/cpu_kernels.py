@@ -144,6 +144,8 @@ def _build(cc: str) -> tuple[str | None, str]:
 
 
 def _load() -> ctypes.CDLL | None:
+    if "lib" in _state:   # decided: no lock on the hot path (every layer call asks)
+        return _state["lib"]
     with _lock:
         if "lib" in _state:
             return _state["lib"]
@@ -220,7 +222,7 @@ class _Gelu(PyLayer):
     @staticmethod
     def forward(ctx, x):
         x = _dense(x)
-        y = paddle.empty(x.shape, dtype=x.dtype)
+        y = paddle.empty_like(x)
         _state["lib"].rf_gelu_fwd(_p(x), _p(y), x.size)
         ctx.save_for_backward(x)
         return y
@@ -229,7 +231,7 @@ class _Gelu(PyLayer):
     def backward(ctx, dy):
         (x,) = ctx.saved_tensor()
         dy = _dense(dy)
-        dx = paddle.empty(x.shape, dtype=x.dtype)
+        dx = paddle.empty_like(x)
         _state["lib"].rf_gelu_bwd(_p(x), _p(dy), _p(dx), x.size)
         return dx
 
@@ -248,7 +250,7 @@ class _LayerNorm(PyLayer):
         x, weight = ctx.saved_tensor()
         dy = _dense(dy)
         cols = x.shape[-1]
-        dx = paddle.empty(x.shape, dtype=x.dtype)
+        dx = paddle.empty_like(x)
         dw = paddle.empty([cols], dtype=x.dtype)
         db = paddle.empty([cols], dtype=x.dtype)
         if _state["lib"].rf_layer_norm_bwd(_p(x), _p(weight), _p(dy), _p(dx), _p(dw), _p(db),
@@ -261,7 +263,7 @@ class _Softmax(PyLayer):
     @staticmethod
     def forward(ctx, x):
         x = _dense(x)
-        y = paddle.empty(x.shape, dtype=x.dtype)
+        y = paddle.empty_like(x)
         cols = x.shape[-1]
         _state["lib"].rf_softmax_fwd(_p(x), _p(y), x.size // cols, cols)
         ctx.save_for_backward(y)
@@ -271,7 +273,7 @@ class _Softmax(PyLayer):
     def backward(ctx, dy):
         (y,) = ctx.saved_tensor()
         dy = _dense(dy)
-        dx = paddle.empty(y.shape, dtype=y.dtype)
+        dx = paddle.empty_like(y)
         cols = y.shape[-1]
         _state["lib"].rf_softmax_bwd(_p(y), _p(dy), _p(dx), y.size // cols, cols)
         return dx
@@ -281,7 +283,7 @@ class _BiasAdd(PyLayer):
     @staticmethod
     def forward(ctx, x, bias):
         x = _dense(x)
-        y = paddle.empty(x.shape, dtype=x.dtype)
+        y = paddle.empty_like(x)
         cols = x.shape[-1]
         _state["lib"].rf_bias_add(_p(x), _p(bias), _p(y), x.size // cols, cols)
         ctx.wanted = (not x.stop_gradient, not bias.stop_gradient)
@@ -361,7 +363,7 @@ class _Attention(PyLayer):
     def backward(ctx, d_out):
         qkv, probs = ctx.saved_tensor()
         d_out = _dense(d_out)
-        d_qkv = paddle.empty(qkv.shape, dtype=qkv.dtype)
+        d_qkv = paddle.empty_like(qkv)
         code = _state["lib"].rf_attention_bwd(_p(qkv), _p(probs), _p(d_out), _p(d_qkv), *ctx.dims)
         if code:
             raise MemoryError("attention backward: out of memory") if code == -2 else \
@@ -385,7 +387,7 @@ class _DepthwiseConv(PyLayer):
         x = _dense(x)
         N, C, H, W = x.shape
         k = weight.shape[-1]
-        y = paddle.empty(x.shape, dtype=x.dtype)
+        y = paddle.empty_like(x)
         _state["lib"].rf_dwconv_fwd(_p(x), _p(weight), None if bias is None else _p(bias), _p(y), N, C, H, W, k)
         ctx.wanted = (not x.stop_gradient, not weight.stop_gradient) + \
             (() if bias is None else (not bias.stop_gradient,))
@@ -398,8 +400,8 @@ class _DepthwiseConv(PyLayer):
         dy = _dense(dy)
         N, C, H, W = x.shape
         k = weight.shape[-1]
-        dx = paddle.empty(x.shape, dtype=x.dtype) if ctx.wanted[0] else None
-        dw = paddle.empty(weight.shape, dtype=weight.dtype)
+        dx = paddle.empty_like(x) if ctx.wanted[0] else None
+        dw = paddle.empty_like(weight)
         db = paddle.empty([C], dtype=x.dtype) if len(ctx.wanted) == 3 else None
         _state["lib"].rf_dwconv_bwd(_p(x), _p(weight), _p(dy), None if dx is None else _p(dx), _p(dw),
                                     None if db is None else _p(db), N, C, H, W, k)
@@ -422,7 +424,7 @@ class _ChannelsFirstLayerNorm(PyLayer):
         x = _dense(x)
         N, C = x.shape[:2]
         P = x.size // (N * C)
-        y = paddle.empty(x.shape, dtype=x.dtype)
+        y = paddle.empty_like(x)
         mean = paddle.empty([N, P], dtype=x.dtype)
         rstd = paddle.empty([N, P], dtype=x.dtype)
         _state["lib"].rf_cf_layer_norm_fwd(_p(x), _p(weight), _p(bias), _p(y), _p(mean), _p(rstd), N, C, P,
@@ -437,7 +439,7 @@ class _ChannelsFirstLayerNorm(PyLayer):
         dy = _dense(dy)
         N, C = x.shape[:2]
         P = x.size // (N * C)
-        dx = paddle.empty(x.shape, dtype=x.dtype) if ctx.wanted[0] else None
+        dx = paddle.empty_like(x) if ctx.wanted[0] else None
         dw = paddle.empty([C], dtype=x.dtype)
         db = paddle.empty([C], dtype=x.dtype)
         if _state["lib"].rf_cf_layer_norm_bwd(_p(x), _p(weight), _p(mean), _p(rstd), _p(dy),
