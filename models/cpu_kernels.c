@@ -37,7 +37,7 @@ float expf(float) __attribute__((__simd__("notinbranch")));
 #define RF_SQRT1_2 0.70710678118654752440f
 #define RF_INV_SQRT_2PI 0.39894228040143267794f
 
-int rf_abi_version(void) { return 4; }
+int rf_abi_version(void) { return 5; }
 
 int rf_max_threads(void) { return omp_get_max_threads(); }
 
@@ -127,6 +127,7 @@ int rf_layer_norm_bwd(const float *restrict x, const float *restrict w, const fl
 /* One row of softmax, `in` to `out` (the same pointer for in place). */
 static void rf_softmax_row(const float *in, float *out, int64_t cols) {
     float m = -INFINITY;
+#pragma omp simd reduction(max:m)
     for (int64_t c = 0; c < cols; ++c) m = in[c] > m ? in[c] : m;
     double s = 0.0;
 #pragma omp simd reduction(+:s)
@@ -160,15 +161,78 @@ void rf_softmax_bwd(const float *y, const float *dy, float *dx, int64_t rows, in
     for (int64_t r = 0; r < rows; ++r) rf_softmax_grad_row(y + r * cols, dy + r * cols, dx + r * cols, cols);
 }
 
-void rf_bias_add(const float *restrict x, const float *restrict b, float *restrict y, int64_t rows,
-                 int64_t cols) {
+/* y = x + b, or y = r + (x + b) with a residual r (NULL for none): the sum rounded as the two adds would be. */
+void rf_bias_add(const float *restrict x, const float *restrict b, const float *restrict r, float *restrict y,
+                 int64_t rows, int64_t cols) {
 #pragma omp parallel for schedule(static) if (rows * cols >= RF_PARALLEL_MIN)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *xr = x + r * cols;
-        float *yr = y + r * cols;
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *xr = x + i * cols;
+        float *yr = y + i * cols;
+        if (r) {
+            const float *rr = r + i * cols;
 #pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) yr[c] = xr[c] + b[c];
+            for (int64_t c = 0; c < cols; ++c) yr[c] = rr[c] + (xr[c] + b[c]);
+        } else {
+#pragma omp simd
+            for (int64_t c = 0; c < cols; ++c) yr[c] = xr[c] + b[c];
+        }
     }
+}
+
+/* The epilogue of a Linear followed by exact GELU: z = x + b, y = GELU(z), the same two roundings as the
+ * bias add and rf_gelu_fwd. With keep set, z is written over x (the backward's input). */
+void rf_bias_gelu_fwd(float *restrict x, const float *restrict b, float *restrict y, int64_t rows, int64_t cols,
+                      int keep) {
+#pragma omp parallel for schedule(static) if (rows * cols >= RF_PARALLEL_MIN)
+    for (int64_t i = 0; i < rows; ++i) {
+        float *xr = x + i * cols, *yr = y + i * cols;
+        if (keep) {
+#pragma omp simd
+            for (int64_t c = 0; c < cols; ++c) {
+                float z = xr[c] + b[c];
+                xr[c] = z;
+                yr[c] = 0.5f * z * (1.0f + erff(z * RF_SQRT1_2));
+            }
+        } else {
+#pragma omp simd
+            for (int64_t c = 0; c < cols; ++c) {
+                float z = xr[c] + b[c];
+                yr[c] = 0.5f * z * (1.0f + erff(z * RF_SQRT1_2));
+            }
+        }
+    }
+}
+
+/* Its backward from z: dz = dy * GELU'(z) (as rf_gelu_bwd) and db = column sums of dz (as rf_column_sum: the
+ * same blocks, the same order). Returns 0, or -1 when the scratch memory could not be allocated. */
+int rf_bias_gelu_bwd(const float *restrict z, const float *restrict dy, float *restrict dz, float *restrict db,
+                     int64_t rows, int64_t cols) {
+    int parts = rows * cols >= RF_PARALLEL_MIN ? omp_get_max_threads() : 1;
+    if (parts > rows) parts = rows > 0 ? (int)rows : 1;
+    double *parts_buf = (double *)calloc((size_t)parts * (size_t)cols, sizeof(double));
+    if (!parts_buf) return -1;
+#pragma omp parallel num_threads(parts)
+    for (int part = omp_get_thread_num(); part < parts; part += omp_get_num_threads()) {
+        int64_t lo, hi;
+        rf_block(rows, parts, part, &lo, &hi);
+        double *acc = parts_buf + (int64_t)part * cols;
+        for (int64_t i = lo; i < hi; ++i) {
+            const float *zr = z + i * cols, *gr = dy + i * cols;
+            float *dzr = dz + i * cols;
+#pragma omp simd
+            for (int64_t c = 0; c < cols; ++c) {
+                float v = zr[c];
+                float cdf = 0.5f * (1.0f + erff(v * RF_SQRT1_2));
+                float pdf = RF_INV_SQRT_2PI * expf(-0.5f * v * v);
+                float g = gr[c] * (cdf + v * pdf);
+                dzr[c] = g;
+                acc[c] += g;
+            }
+        }
+    }
+    rf_reduce_parts(parts_buf, parts, cols, db);
+    free(parts_buf);
+    return 0;
 }
 
 /* Returns 0, or -1 when the scratch memory could not be allocated. */
@@ -207,23 +271,35 @@ enum { RF_ROW_MAJOR = 101, RF_NO_TRANS = 111, RF_TRANS = 112 };
 
 void rf_set_sgemm(void *fn) { rf_sgemm = (rf_sgemm_fn)fn; }
 
-/* Returns 0, or -1 when no sgemm was set. */
+/* Returns 0, -1 when no sgemm was set, -2 out of memory. `probs` NULL: the weights are not kept (inference);
+ * each thread then reuses one N x N block, which stays in its cache. */
 int rf_attention_fwd(const float *qkv, float *probs, float *out, int64_t B, int64_t N, int64_t H,
                      int64_t Dh, float scale) {
     if (!rf_sgemm) return -1;
     const int64_t C = H * Dh, ld = 3 * C;
-#pragma omp parallel for schedule(static) if (B * H * N * N >= RF_PARALLEL_MIN)
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-        int64_t b = bh / H, h = bh % H;
-        const float *q = qkv + b * N * ld + h * Dh, *k = q + C, *v = q + 2 * C;
-        float *p = probs + bh * N * N;
-        rf_sgemm(RF_ROW_MAJOR, RF_NO_TRANS, RF_TRANS, (int)N, (int)N, (int)Dh, scale, q, (int)ld, k, (int)ld,
-                 0.0f, p, (int)N);
-        for (int64_t r = 0; r < N; ++r) rf_softmax_row(p + r * N, p + r * N, N);
-        rf_sgemm(RF_ROW_MAJOR, RF_NO_TRANS, RF_NO_TRANS, (int)N, (int)Dh, (int)N, 1.0f, p, (int)N, v, (int)ld,
-                 0.0f, out + b * N * C + h * Dh, (int)C);
+    int failed = 0;
+#pragma omp parallel if (B * H * N * N >= RF_PARALLEL_MIN)
+    {
+        float *own = probs ? 0 : (float *)malloc((size_t)(N * N) * sizeof(float));
+        if (!probs && !own) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; ++bh) {
+            if (!probs && !own) continue;
+            int64_t b = bh / H, h = bh % H;
+            const float *q = qkv + b * N * ld + h * Dh, *k = q + C, *v = q + 2 * C;
+            float *p = probs ? probs + bh * N * N : own;
+            rf_sgemm(RF_ROW_MAJOR, RF_NO_TRANS, RF_TRANS, (int)N, (int)N, (int)Dh, scale, q, (int)ld, k, (int)ld,
+                     0.0f, p, (int)N);
+            for (int64_t r = 0; r < N; ++r) rf_softmax_row(p + r * N, p + r * N, N);
+            rf_sgemm(RF_ROW_MAJOR, RF_NO_TRANS, RF_NO_TRANS, (int)N, (int)Dh, (int)N, 1.0f, p, (int)N, v, (int)ld,
+                     0.0f, out + b * N * C + h * Dh, (int)C);
+        }
+        free(own);
     }
-    return 0;
+    return failed ? -2 : 0;
 }
 
 /* d_out [B, N, C] -> d_qkv [B, N, 3, H, Dh]. Returns 0, -1 when no sgemm was set, -2 out of memory. */

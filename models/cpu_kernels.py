@@ -50,7 +50,7 @@ from paddle.autograd import PyLayer
 
 ENV = "RETFOUND_CPU_KERNELS"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
-ABI_VERSION = 4
+ABI_VERSION = 5
 _BASE_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
 
 _lock = threading.Lock()
@@ -65,7 +65,9 @@ _SIGNATURES = {
     "rf_layer_norm_bwd": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32], ctypes.c_int),
     "rf_softmax_fwd": ([_ptr, _ptr, _i64, _i64], None),
     "rf_softmax_bwd": ([_ptr, _ptr, _ptr, _i64, _i64], None),
-    "rf_bias_add": ([_ptr, _ptr, _ptr, _i64, _i64], None),
+    "rf_bias_add": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64], None),
+    "rf_bias_gelu_fwd": ([_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int], None),
+    "rf_bias_gelu_bwd": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64], ctypes.c_int),
     "rf_column_sum": ([_ptr, _ptr, _i64, _i64], ctypes.c_int),
     "rf_set_sgemm": ([_ptr], None),
     "rf_cf_layer_norm_fwd": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f32], None),
@@ -279,24 +281,77 @@ class _Softmax(PyLayer):
         return dx
 
 
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd will ask for a gradient of any of ``tensors`` (else a kernel runs without a ``PyLayer``
+    and keeps nothing for a backward pass)."""
+    return paddle.is_grad_enabled() and any(t is not None and not t.stop_gradient for t in tensors)
+
+
+def _column_sum(dy: paddle.Tensor) -> paddle.Tensor:
+    cols = dy.shape[-1]
+    db = paddle.empty([cols], dtype=dy.dtype)
+    if _state["lib"].rf_column_sum(_p(dy), _p(db), dy.size // cols, cols):
+        raise MemoryError("bias gradient: out of memory for the column sums")
+    return db
+
+
+def _bias_add_into(x, bias, residual):
+    y = paddle.empty_like(x)
+    cols = x.shape[-1]
+    _state["lib"].rf_bias_add(_p(x), _p(bias), None if residual is None else _p(residual), _p(y),
+                              x.size // cols, cols)
+    return y
+
+
 class _BiasAdd(PyLayer):
     @staticmethod
     def forward(ctx, x, bias):
         x = _dense(x)
-        y = paddle.empty_like(x)
-        cols = x.shape[-1]
-        _state["lib"].rf_bias_add(_p(x), _p(bias), _p(y), x.size // cols, cols)
         ctx.wanted = (not x.stop_gradient, not bias.stop_gradient)
-        return y
+        return _bias_add_into(x, bias, None)
 
     @staticmethod
     def backward(ctx, dy):
         dy = _dense(dy)
-        cols = dy.shape[-1]
-        db = paddle.empty([cols], dtype=dy.dtype)
-        if _state["lib"].rf_column_sum(_p(dy), _p(db), dy.size // cols, cols):
+        return _wanted(ctx, dy, _column_sum(dy))
+
+
+class _BiasResidualAdd(PyLayer):
+    @staticmethod
+    def forward(ctx, x, bias, residual):
+        x, residual = _dense(x), _dense(residual)
+        ctx.wanted = (not x.stop_gradient, not bias.stop_gradient, not residual.stop_gradient)
+        return _bias_add_into(x, bias, residual)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dy = _dense(dy)
+        return _wanted(ctx, dy, _column_sum(dy), dy)
+
+
+class _BiasGelu(PyLayer):
+    """GELU(h + bias) for a matrix product's output ``h`` that nothing else holds (``linear_gelu``): h + bias
+    is written over ``h`` and kept for the backward pass, which also sums the bias gradient in the same sweep."""
+
+    @staticmethod
+    def forward(ctx, h, bias):
+        y = paddle.empty_like(h)
+        cols = h.shape[-1]
+        _state["lib"].rf_bias_gelu_fwd(_p(h), _p(bias), _p(y), h.size // cols, cols, 1)
+        ctx.wanted = (not h.stop_gradient, not bias.stop_gradient)
+        ctx.save_for_backward(h)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (z,) = ctx.saved_tensor()
+        dy = _dense(dy)
+        cols = z.shape[-1]
+        dz = paddle.empty_like(z)
+        db = paddle.empty([cols], dtype=z.dtype)
+        if _state["lib"].rf_bias_gelu_bwd(_p(z), _p(dy), _p(dz), _p(db), z.size // cols, cols):
             raise MemoryError("bias gradient: out of memory for the column sums")
-        return _wanted(ctx, dy, db)
+        return _wanted(ctx, dz, db)
 
 
 def gelu(x: paddle.Tensor) -> paddle.Tensor:
@@ -316,9 +371,28 @@ def softmax(x: paddle.Tensor) -> paddle.Tensor:
     return _Softmax.apply(x) if applies(x) else F.softmax(x, axis=-1)
 
 
-def bias_add(x: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
-    """``x + bias`` with ``bias`` over the last axis."""
-    return _BiasAdd.apply(x, bias) if applies(x) and bias.dtype == x.dtype else x + bias
+def bias_add(x: paddle.Tensor, bias: paddle.Tensor, residual: paddle.Tensor | None = None) -> paddle.Tensor:
+    """``x + bias`` with ``bias`` over the last axis, or ``residual + (x + bias)`` (the same two roundings)."""
+    if applies(x) and bias.dtype == x.dtype and (residual is None or (
+            residual.shape == x.shape and residual.dtype == x.dtype and residual.place.is_cpu_place())):
+        if not _needs_grad(x, bias, residual):
+            return _bias_add_into(_dense(x), bias, None if residual is None else _dense(residual))
+        return _BiasAdd.apply(x, bias) if residual is None else _BiasResidualAdd.apply(x, bias, residual)
+    return x + bias if residual is None else residual + (x + bias)
+
+
+def linear_gelu(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor | None:
+    """Exact ``GELU(x @ weight + bias)`` with the bias add and the GELU in one pass (forward and backward);
+    ``None`` where the kernel does not apply (the caller runs its layers)."""
+    if bias is None or not applies(x) or weight.dtype != x.dtype or bias.dtype != x.dtype:
+        return None
+    h = paddle.matmul(x, weight)   # a fresh tensor only this function holds: _BiasGelu may write over it
+    if not _needs_grad(h, bias):
+        y = paddle.empty_like(h)
+        cols = h.shape[-1]
+        _state["lib"].rf_bias_gelu_fwd(_p(h), _p(bias), _p(y), h.size // cols, cols, 0)
+        return y
+    return _BiasGelu.apply(h, bias)
 
 
 def _sgemm_ready() -> bool:
@@ -378,6 +452,15 @@ def attention(qkv: paddle.Tensor, num_heads: int, scale: float, sink: list | Non
     part of the autograd graph)."""
     if qkv.ndim != 3 or qkv.shape[-1] % (3 * num_heads) or not applies(qkv) or not _sgemm_ready():
         return None
+    if sink is None and not _needs_grad(qkv):   # inference: the weights are neither kept nor handed over
+        qkv = _dense(qkv)
+        B, N, C3 = qkv.shape
+        out = paddle.empty([B, N, C3 // 3], dtype=qkv.dtype)
+        code = _state["lib"].rf_attention_fwd(_p(qkv), None, _p(out), B, N, num_heads, C3 // 3 // num_heads,
+                                              float(scale))
+        if code:
+            raise MemoryError("attention: out of memory") if code == -2 else RuntimeError("attention kernel: no sgemm")
+        return out
     return _Attention.apply(qkv, int(num_heads), float(scale), sink)
 
 
@@ -469,15 +552,19 @@ class Linear(nn.Linear):
     Elsewhere (GPU, static graph / export) it is the plain fused layer.
     """
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+    def forward(self, x: paddle.Tensor, residual: paddle.Tensor | None = None) -> paddle.Tensor:
+        """``x @ weight + bias``; with ``residual``, ``residual + (x @ weight + bias)``: a residual branch's
+        last layer adding the branch to its input in the same sweep as the bias."""
         if self.bias is None or not paddle.in_dynamic_mode() or not x.place.is_cpu_place():
-            return super().forward(x)
+            out = super().forward(x)
+            return out if residual is None else residual + out
         out = paddle.matmul(x, self.weight)
         if applies(out):
-            return bias_add(out, self.bias)
+            return bias_add(out, self.bias, residual)
         rows = int(np.prod(out.shape[:-1]))
         ones = paddle.ones([rows, 1], dtype=out.dtype)
-        return out + paddle.matmul(ones, self.bias.unsqueeze(0)).reshape(out.shape)
+        out = out + paddle.matmul(ones, self.bias.unsqueeze(0)).reshape(out.shape)
+        return out if residual is None else residual + out
 
 
 class LayerNorm(nn.LayerNorm):

@@ -33,7 +33,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from models.cpu_kernels import GELU, LayerNorm, Linear, attention, softmax
+from models.cpu_kernels import GELU, LayerNorm, Linear, attention, linear_gelu, softmax
 from models.registry import register_model
 from util.errors import UserError
 from util.image_io import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -140,13 +140,16 @@ class Attention(nn.Layer):
         self.qkv = Linear(dim, dim * 3)
         self.proj = Linear(dim, dim)
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+    def forward(self, x: paddle.Tensor, residual: paddle.Tensor | None = None) -> paddle.Tensor:
+        """The attention branch; with ``residual``, ``residual +`` the branch (added with ``proj``'s bias)."""
         B, N, C = x.shape
         qkv = self.qkv(x)
         # the compiled kernel on CPU (models/cpu_kernels.py): same math, no copies; it hands the sink its weights
         out = attention(qkv, self.num_heads, self.scale, self.attn_sink)
         if out is not None:
-            return self.proj(out)
+            return self.proj(out, residual)
+        if not paddle.in_dynamic_mode():   # a static program (export): see _static_attention
+            return self.proj(self._static_attention(qkv, B, N, C), residual)
         # unbind, not qkv[0]/qkv[1]/qkv[2]: indexing makes backward scatter three full-size zero-padded
         # gradients (measured ViT-B/16 CPU train step: 0.51 -> 0.85 img/s). Paddle's
         # scaled_dot_product_attention runs this same math on CPU (identical output, same speed) but would
@@ -160,7 +163,19 @@ class Attention(nn.Layer):
         if self.attn_sink is not None:
             self.attn_sink.append(attn)
         x = paddle.einsum('bhnm,bmhd->bnhd', attn, v).reshape([B, N, C])
-        return self.proj(x)
+        return self.proj(x, residual)
+
+
+    def _static_attention(self, qkv, B, N, C):
+        """The same math as transposes and batched matmuls, the form Paddle Inference's oneDNN passes fuse
+        and run in oneDNN (bf16 on request); einsum has no oneDNN kernel and runs as a slow native fp32 op
+        between bf16 ones."""
+        qkv = qkv.reshape([B, N, 3, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])  # [3, B, H, N, Dh]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = softmax(paddle.matmul(q * self.scale, k, transpose_y=True))
+        if self.attn_sink is not None:
+            self.attn_sink.append(attn)
+        return paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([B, N, C])
 
 
 class Mlp(nn.Layer):
@@ -170,8 +185,17 @@ class Mlp(nn.Layer):
         self.act = GELU()
         self.fc2 = Linear(hidden, dim)
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: paddle.Tensor, residual: paddle.Tensor | None = None) -> paddle.Tensor:
+        """fc1 -> GELU -> fc2; with ``residual``, ``residual +`` that (added with fc2's bias). On CPU the bias
+        of fc1 and the GELU are one kernel (``linear_gelu``) unless fc1 has hooks (LoRA, explanations)."""
+        h = None
+        if type(self.fc1) is Linear and type(self.act) is GELU and not self.fc1._forward_pre_hooks \
+                and not self.fc1._forward_post_hooks and not self.act._forward_pre_hooks \
+                and not self.act._forward_post_hooks and paddle.in_dynamic_mode():
+            h = linear_gelu(x, self.fc1.weight, self.fc1.bias)
+        if h is None:
+            h = self.act(self.fc1(x))
+        return self.fc2(h, residual)
 
 
 class LayerScale(nn.Layer):
@@ -202,6 +226,14 @@ class Block(nn.Layer):
         self.drop_path = DropPath(drop_path_rate)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self.drop_path.drop_prob == 0.0 or not self.training:   # no stochastic depth: the branches' last
+            if self.ls1 is None:                                      # layers add the residual themselves
+                x = self.attn(self.norm1(x), residual=x)
+            else:
+                x = x + self.ls1(self.attn(self.norm1(x)))
+            if self.ls2 is None:
+                return self.mlp(self.norm2(x), residual=x)
+            return x + self.ls2(self.mlp(self.norm2(x)))
         y = self.attn(self.norm1(x))
         x = x + self.drop_path(y if self.ls1 is None else self.ls1(y))
         y = self.mlp(self.norm2(x))

@@ -116,7 +116,12 @@ class _Bf16Trace:
 # not converted by dy2static, run as written while tracing: converted, the auto_cast(enable=False) below was
 # lost and the product stayed in bf16
 @paddle.jit.not_to_static
-def _bf16_linear_forward(self, x):
+def _bf16_linear_forward(self, x, residual=None):
+    out = _bf16_linear(self, x)
+    return out if residual is None else residual + out
+
+
+def _bf16_linear(self, x):
     if not _Bf16Trace.on:
         return self._fp32_forward(x)
     if _Bf16Trace.grad and x.stop_gradient != self.weight.stop_gradient:

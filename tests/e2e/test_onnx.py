@@ -123,8 +123,8 @@ def test_unconvertible_program_names_its_operators(tmp_path):
 def test_too_low_opset_says_which_is_needed(tmp_path):
     model, shape = _model("vit_test")
     folder = _save(model, tmp_path, shape)
-    with pytest.raises(UserError, match=r"--opset 11: this model needs opset 12 or higher"):
-        export_onnx(folder, opset=11)
+    with pytest.raises(UserError, match=r"--opset 10: this model needs opset 11 or higher"):
+        export_onnx(folder, opset=10)
     assert ONNX_FILE not in os.listdir(folder)
     with pytest.raises(UserError, match=r"--opset 6: expected an integer of at least 7"):
         export_onnx(folder, opset=6)

@@ -1,4 +1,5 @@
-"""models/cpu_kernels.py: the compiled GELU, LayerNorm, softmax and bias-add kernels against Paddle's own.
+"""models/cpu_kernels.py: the compiled GELU, LayerNorm, softmax, bias-add (with a residual, or fused with GELU),
+attention and depthwise-convolution kernels against Paddle's own.
 
 Every kernel is checked against Paddle's kernels on the same inputs: the forward against Paddle's float32
 result (within 1e-6, or exactly where the kernel is Paddle's or an exact add), the gradients against Paddle's
@@ -54,6 +55,13 @@ CASES = {
                 lambda rng: [rng.standard_normal((2, 3, 50, 50)) * 5], 1e-6),
     "bias_add": (lambda x, b: cpu_kernels.bias_add(x, b), lambda x, b: x + b,
                  lambda rng: [rng.standard_normal((4, 33, 300)), rng.standard_normal(300)], 0.0),
+    "bias_residual_add": (lambda x, b, r: cpu_kernels.bias_add(x, b, r), lambda x, b, r: r + (x + b),
+                          lambda rng: [rng.standard_normal((4, 33, 300)), rng.standard_normal(300),
+                                       rng.standard_normal((4, 33, 300))], 0.0),
+    "linear_gelu": (lambda x, w, b: cpu_kernels.linear_gelu(x, w, b),
+                    lambda x, w, b: F.gelu(paddle.matmul(x, w) + b, approximate=False),
+                    lambda rng: [rng.standard_normal((3, 29, 48)), rng.standard_normal((48, 200)) * 0.3,
+                                 rng.standard_normal(200)], 1e-6),
     "channels_first_layer_norm": (lambda x, w, b: cpu_kernels.channels_first_layer_norm(x, w, b, 1e-6),
                                   lambda x, w, b: _channels_first_plain(x, w, b, 1e-6),
                                   lambda rng: [rng.standard_normal((3, 24, 5, 7)) * 2 + 1, rng.standard_normal(24),
@@ -81,7 +89,7 @@ def test_kernel_matches_paddles_forward_and_is_as_accurate_in_backward(name):
     arrays = make(rng)
     x = paddle.to_tensor(arrays[0].astype(np.float32))
     assert cpu_kernels.applies(x)
-    grad = rng.standard_normal(arrays[0].shape)
+    grad = rng.standard_normal(plain(*[paddle.to_tensor(a.astype(np.float32)) for a in arrays]).shape)
     y, g = _run(ours, arrays, np.float32, grad)
     y_pd, g_pd = _run(plain, arrays, np.float32, grad)
     y64, g64 = _run(plain, arrays, np.float64, grad)
@@ -174,6 +182,101 @@ def test_non_contiguous_input_gives_the_contiguous_result():
 
 
 @needs_build
+@needs_build
+def test_linear_gelu_gives_the_bits_of_the_bias_add_and_gelu_kernels_run_one_after_the_other():
+    """One sweep instead of two changes nothing: the forward, and the gradients of x, weight and bias, are
+    bit-identical to ``gelu(bias_add(x @ w, b))`` on the separate kernels."""
+    rng = np.random.default_rng(8)
+    arrays = [rng.standard_normal((4, 37, 64)), rng.standard_normal((64, 256)) * 0.2, rng.standard_normal(256)]
+    grad = rng.standard_normal((4, 37, 256))
+    fused, g_fused = _run(lambda x, w, b: cpu_kernels.linear_gelu(x, w, b), arrays, np.float32, grad)
+    apart, g_apart = _run(lambda x, w, b: cpu_kernels.gelu(cpu_kernels.bias_add(paddle.matmul(x, w), b)),
+                          arrays, np.float32, grad)
+    np.testing.assert_array_equal(fused, apart)
+    for a, c in zip(g_fused, g_apart):
+        np.testing.assert_array_equal(a, c)
+
+
+@needs_build
+def test_without_autograd_the_kernels_keep_nothing_and_give_the_same_values():
+    """Under ``no_grad`` (inference) attention, linear_gelu and bias_add run without a PyLayer (attention keeps
+    no weights): the same outputs as with autograd on."""
+    rng = np.random.default_rng(9)
+    qkv = paddle.to_tensor(rng.standard_normal((2, 50, 3 * 4 * 16)).astype(np.float32))
+    x = paddle.to_tensor(rng.standard_normal((2, 50, 32)).astype(np.float32))
+    w = paddle.to_tensor(rng.standard_normal((32, 96)).astype(np.float32) * 0.3)
+    b = paddle.to_tensor(rng.standard_normal(96).astype(np.float32))
+    r = paddle.to_tensor(rng.standard_normal((2, 50, 96)).astype(np.float32))
+    calls = {
+        "attention": lambda q, *_: cpu_kernels.attention(q, 4, 0.25),
+        "linear_gelu": lambda _, x, w, b, r: cpu_kernels.linear_gelu(x, w, b),
+        "bias_residual_add": lambda _, x, w, b, r: cpu_kernels.bias_add(paddle.matmul(x, w), b, r),
+    }
+    for name, call in calls.items():
+        ins = [t.detach() for t in (qkv, x, w, b, r)]
+        for t in ins:
+            t.stop_gradient = False
+        with_grad = call(*ins)
+        assert not with_grad.stop_gradient, name
+        with paddle.no_grad():
+            without = call(qkv, x, w, b, r)
+        assert without.stop_gradient, name
+        np.testing.assert_array_equal(without.numpy(), with_grad.numpy(), err_msg=name)
+
+
+def _vit_block(drop_path: float, **kw):
+    from models.vit import Block
+    paddle.seed(3)
+    return Block(48, 4, 4.0, drop_path, **kw)
+
+
+@needs_build
+@pytest.mark.parametrize("train", [False, True])
+def test_a_vit_block_without_stochastic_depth_adds_its_residuals_in_the_last_layers(train):
+    """With no drop path (eval, or a rate of 0) the residual adds ride on proj's and fc2's bias adds: the
+    block's output and gradients are bit-identical to x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    blk = _vit_block(0.0 if train else 0.1)
+    blk.train() if train else blk.eval()
+    rng = np.random.default_rng(10)
+    x0 = rng.standard_normal((2, 17, 48)).astype(np.float32)
+
+    def grads(fn):
+        blk.clear_gradients()
+        x = paddle.to_tensor(x0, stop_gradient=False)
+        out = fn(x)
+        out.backward(paddle.to_tensor(np.cos(np.arange(out.size, dtype=np.float32)).reshape(out.shape)))
+        return [out.numpy(), x.grad.numpy()] + [p.grad.numpy() for p in blk.parameters()]
+
+    def apart(x):
+        x = x + blk.attn(blk.norm1(x))
+        return x + blk.mlp(blk.norm2(x))
+
+    for a, c in zip(grads(blk), grads(apart)):
+        np.testing.assert_array_equal(a, c)
+
+
+@needs_build
+def test_a_hook_on_fc1_or_a_layer_scale_takes_the_plain_layers():
+    """LoRA and the explanations hook layers; a hooked fc1 must run as its own layer (the hook sees and may
+    change its output), and LayerScale blocks keep the scale between branch and residual."""
+    from models.vit import Mlp
+    paddle.seed(4)
+    mlp = Mlp(16, 64)
+    x = paddle.to_tensor(np.random.default_rng(11).standard_normal((3, 5, 16)).astype(np.float32))
+    plain = mlp(x).numpy()
+    handle = mlp.fc1.register_forward_post_hook(lambda layer, inputs, out: out * 2.0)
+    hooked = mlp(x).numpy()
+    handle.remove()
+    np.testing.assert_array_equal(hooked, mlp.fc2(mlp.act(mlp.fc1(x) * 2.0)).numpy())
+    assert np.abs(hooked - plain).max() > 1e-3
+
+    blk = _vit_block(0.0, init_values=0.5)
+    blk.eval()
+    y = paddle.to_tensor(np.random.default_rng(12).standard_normal((2, 9, 48)).astype(np.float32))
+    h = y + blk.ls1(blk.attn(blk.norm1(y)))
+    np.testing.assert_array_equal(blk(y).numpy(), (h + blk.ls2(blk.mlp(blk.norm2(h)))).numpy())
+
+
 def test_the_same_inputs_give_the_same_bits_every_call():
     rng = np.random.default_rng(3)
     x = paddle.to_tensor(rng.standard_normal((5, 97, 64)).astype(np.float32), stop_gradient=False)
