@@ -37,26 +37,27 @@ float expf(float) __attribute__((__simd__("notinbranch")));
 #define RF_SQRT1_2 0.70710678118654752440f
 #define RF_INV_SQRT_2PI 0.39894228040143267794f
 
-int rf_abi_version(void) { return 5; }
+int rf_abi_version(void) { return 6; }
 
 int rf_max_threads(void) { return omp_get_max_threads(); }
 
+static inline float rf_gelu(float v) { return 0.5f * v * (1.0f + erff(v * RF_SQRT1_2)); }
+
+/* dGELU/dv = Phi(v) + v phi(v) */
+static inline float rf_gelu_grad(float v) {
+    float cdf = 0.5f * (1.0f + erff(v * RF_SQRT1_2));
+    float pdf = RF_INV_SQRT_2PI * expf(-0.5f * v * v);
+    return cdf + v * pdf;
+}
+
 void rf_gelu_fwd(const float *restrict x, float *restrict y, int64_t n) {
 #pragma omp parallel for simd schedule(static) if (n >= RF_PARALLEL_MIN)
-    for (int64_t i = 0; i < n; ++i) {
-        float v = x[i];
-        y[i] = 0.5f * v * (1.0f + erff(v * RF_SQRT1_2));
-    }
+    for (int64_t i = 0; i < n; ++i) y[i] = rf_gelu(x[i]);
 }
 
 void rf_gelu_bwd(const float *restrict x, const float *restrict dy, float *restrict dx, int64_t n) {
 #pragma omp parallel for simd schedule(static) if (n >= RF_PARALLEL_MIN)
-    for (int64_t i = 0; i < n; ++i) {
-        float v = x[i];
-        float cdf = 0.5f * (1.0f + erff(v * RF_SQRT1_2));
-        float pdf = RF_INV_SQRT_2PI * expf(-0.5f * v * v);
-        dx[i] = dy[i] * (cdf + v * pdf);
-    }
+    for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] * rf_gelu_grad(x[i]);
 }
 
 /* The rows [lo, hi) a thread takes when `rows` are split into `parts` contiguous blocks. */
@@ -72,6 +73,25 @@ static void rf_reduce_parts(const double *parts_buf, int parts, int64_t cols, fl
         double s = 0.0;
         for (int p = 0; p < parts; ++p) s += parts_buf[(int64_t)p * cols + c];
         out[c] = (float)s;
+    }
+}
+
+/* LayerNorm forward over the last axis: y = (x - mean) * rstd * w + b, mean and variance summed in double. */
+void rf_layer_norm_fwd(const float *restrict x, const float *restrict w, const float *restrict b,
+                       float *restrict y, int64_t rows, int64_t cols, float eps) {
+#pragma omp parallel for schedule(static) if (rows * cols >= RF_PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * cols;
+        float *yr = y + r * cols;
+        double s = 0.0, ss = 0.0;
+#pragma omp simd reduction(+:s)
+        for (int64_t c = 0; c < cols; ++c) s += xr[c];
+        double mean = s / (double)cols;
+#pragma omp simd reduction(+:ss)
+        for (int64_t c = 0; c < cols; ++c) { double d = xr[c] - mean; ss += d * d; }
+        float rstd = (float)(1.0 / sqrt(ss / (double)cols + (double)eps)), fmean = (float)mean;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) yr[c] = (xr[c] - fmean) * rstd * w[c] + b[c];
     }
 }
 
@@ -191,13 +211,13 @@ void rf_bias_gelu_fwd(float *restrict x, const float *restrict b, float *restric
             for (int64_t c = 0; c < cols; ++c) {
                 float z = xr[c] + b[c];
                 xr[c] = z;
-                yr[c] = 0.5f * z * (1.0f + erff(z * RF_SQRT1_2));
+                yr[c] = rf_gelu(z);
             }
         } else {
 #pragma omp simd
             for (int64_t c = 0; c < cols; ++c) {
                 float z = xr[c] + b[c];
-                yr[c] = 0.5f * z * (1.0f + erff(z * RF_SQRT1_2));
+                yr[c] = rf_gelu(z);
             }
         }
     }
@@ -221,10 +241,7 @@ int rf_bias_gelu_bwd(const float *restrict z, const float *restrict dy, float *r
             float *dzr = dz + i * cols;
 #pragma omp simd
             for (int64_t c = 0; c < cols; ++c) {
-                float v = zr[c];
-                float cdf = 0.5f * (1.0f + erff(v * RF_SQRT1_2));
-                float pdf = RF_INV_SQRT_2PI * expf(-0.5f * v * v);
-                float g = gr[c] * (cdf + v * pdf);
+                float g = gr[c] * rf_gelu_grad(zr[c]);
                 dzr[c] = g;
                 acc[c] += g;
             }
@@ -514,4 +531,27 @@ int rf_cf_layer_norm_bwd(const float *x, const float *w, const float *mean_in, c
     free(scratch);
     free(rows);
     return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------- patches
+ * A ViT's patch embedding (a p x p convolution with stride p) as rows for one matrix product: image
+ * [B, C, H, W] -> [B, (H/p) (W/p), C p p], a row per patch in row-major grid order, its columns in the order
+ * of the convolution weight [D, C, p, p] flattened. Every pixel lands in exactly one row, so the backward is
+ * the inverse copy (`inverse` set: rows -> image). */
+void rf_patchify(float *x, float *rows, int64_t B, int64_t C, int64_t H, int64_t W, int64_t p, int inverse) {
+    const int64_t gh = H / p, gw = W / p, width = C * p * p;
+#pragma omp parallel for schedule(static) if (B * C * H * W >= RF_PARALLEL_MIN)
+    for (int64_t bg = 0; bg < B * gh; ++bg) {
+        int64_t b = bg / gh, gi = bg % gh;
+        for (int64_t gj = 0; gj < gw; ++gj) {
+            float *row = rows + (b * gh * gw + gi * gw + gj) * width;
+            for (int64_t c = 0; c < C; ++c)
+                for (int64_t i = 0; i < p; ++i) {
+                    float *pix = x + ((b * C + c) * H + gi * p + i) * W + gj * p;
+                    float *col = row + (c * p + i) * p;
+                    if (inverse) memcpy(pix, col, (size_t)p * sizeof(float));
+                    else memcpy(col, pix, (size_t)p * sizeof(float));
+                }
+        }
+    }
 }

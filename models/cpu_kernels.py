@@ -50,7 +50,7 @@ from paddle.autograd import PyLayer
 
 ENV = "RETFOUND_CPU_KERNELS"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
-ABI_VERSION = 5
+ABI_VERSION = 6
 _BASE_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
 
 _lock = threading.Lock()
@@ -62,6 +62,8 @@ _SIGNATURES = {
     "rf_max_threads": ([], ctypes.c_int),
     "rf_gelu_fwd": ([_ptr, _ptr, _i64], None),
     "rf_gelu_bwd": ([_ptr, _ptr, _ptr, _i64], None),
+    "rf_layer_norm_fwd": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32], None),
+    "rf_patchify": ([_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, ctypes.c_int], None),
     "rf_layer_norm_bwd": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32], ctypes.c_int),
     "rf_softmax_fwd": ([_ptr, _ptr, _i64, _i64], None),
     "rf_softmax_bwd": ([_ptr, _ptr, _ptr, _i64, _i64], None),
@@ -238,6 +240,13 @@ class _Gelu(PyLayer):
         return dx
 
 
+def _layer_norm_into(x, weight, bias, eps):
+    y = paddle.empty_like(x)
+    cols = x.shape[-1]
+    _state["lib"].rf_layer_norm_fwd(_p(x), _p(weight), _p(bias), _p(y), x.size // cols, cols, float(eps))
+    return y
+
+
 class _LayerNorm(PyLayer):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
@@ -245,7 +254,7 @@ class _LayerNorm(PyLayer):
         ctx.eps = float(eps)
         ctx.wanted = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
         ctx.save_for_backward(x, weight)
-        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+        return _layer_norm_into(x, weight, bias, eps)
 
     @staticmethod
     def backward(ctx, dy):
@@ -361,7 +370,10 @@ def gelu(x: paddle.Tensor) -> paddle.Tensor:
 
 def layer_norm(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor, eps: float) -> paddle.Tensor:
     """LayerNorm over the last axis with an affine weight and bias."""
-    if applies(x) and weight is not None and bias is not None:
+    if applies(x) and weight is not None and bias is not None and weight.dtype == bias.dtype == x.dtype \
+            and weight.shape == bias.shape == x.shape[-1:]:
+        if not _needs_grad(x, weight, bias):
+            return _layer_norm_into(_dense(x), weight, bias, eps)
         return _LayerNorm.apply(x, weight, bias, eps)
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
@@ -538,6 +550,43 @@ def channels_first_layer_norm(x: paddle.Tensor, weight: paddle.Tensor, bias: pad
     if x.ndim < 3 or weight is None or bias is None or weight.shape != [x.shape[1]] or not applies(x):
         return None
     return _ChannelsFirstLayerNorm.apply(x, weight, bias, eps)
+
+
+class _Patchify(PyLayer):
+    @staticmethod
+    def forward(ctx, x, p):
+        x = _dense(x)
+        ctx.dims = list(x.shape) + [p]
+        return _patchify_into(x, p)
+
+    @staticmethod
+    def backward(ctx, d_rows):
+        B, C, H, W, p = ctx.dims
+        d_rows = _dense(d_rows)
+        dx = paddle.empty([B, C, H, W], dtype=d_rows.dtype)
+        _state["lib"].rf_patchify(_p(dx), _p(d_rows), B, C, H, W, p, 1)
+        return dx
+
+
+def _patchify_into(x, p):
+    B, C, H, W = x.shape
+    rows = paddle.empty([B, (H // p) * (W // p), C * p * p], dtype=x.dtype)
+    _state["lib"].rf_patchify(_p(x), _p(rows), B, C, H, W, p, 0)
+    return rows
+
+
+def patch_embed(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor | None) -> paddle.Tensor | None:
+    """A ViT's patch embedding, the p x p convolution with stride p of ``weight`` [D, C, p, p] (+ ``bias`` [D])
+    over ``x`` [B, C, H, W], as tokens [B, (H/p) (W/p), D]: the patches copied into rows, then one matrix product
+    (Paddle's CPU convolution took twice as long for a ViT-B/16 input); ``None`` where it does not apply."""
+    if x.ndim != 4 or weight.ndim != 4 or not applies(x) or weight.dtype != x.dtype:
+        return None
+    D, C, p, q = weight.shape
+    if p != q or x.shape[1] != C or x.shape[2] % p or x.shape[3] % p:
+        return None
+    rows = _patchify_into(_dense(x), p) if not _needs_grad(x) else _Patchify.apply(x, p)
+    out = paddle.matmul(rows, weight.reshape([D, C * p * p]), transpose_y=True)
+    return out if bias is None else bias_add(out, bias)
 
 
 # ----------------------------------------------------------------------------------------------- layers

@@ -33,7 +33,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from models.cpu_kernels import GELU, LayerNorm, Linear, attention, linear_gelu, softmax
+from models.cpu_kernels import GELU, LayerNorm, Linear, attention, linear_gelu, patch_embed, softmax
 from models.registry import register_model
 from util.errors import UserError
 from util.image_io import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -118,6 +118,10 @@ class PatchEmbed(nn.Layer):
             raise UserError(f"ViT: input image is {x.shape[-2]}x{x.shape[-1]} but the model was built for "
                             f"{self.input_size}x{self.input_size}; build the model with input_size matching "
                             f"--input_size (position embeddings are resized when loading weights)")
+        if not self.proj._forward_pre_hooks and not self.proj._forward_post_hooks:
+            tokens = patch_embed(x, self.proj.weight, self.proj.bias)   # on CPU: patches as rows, one product
+            if tokens is not None:
+                return tokens
         x = self.proj(x)                       # [B, D, h, w]
         return x.flatten(2).transpose([0, 2, 1])  # [B, h*w, D], row-major over the grid like timm
 

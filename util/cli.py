@@ -36,13 +36,16 @@ def interrupt_in_backward():
     """Around ``loss.backward()``: a Ctrl-C or SIGTERM that lands while Paddle's backward pass runs Python code
     (a ``PyLayer``'s backward: ``models/cpu_kernels.py``) comes out of Paddle as an ``OSError`` ("(External)
     ... KeyboardInterrupt"); it is raised here as the ``KeyboardInterrupt`` it was, so the run ends as after
-    any other interrupt. Every other error passes unchanged."""
+    any other interrupt. A DataLoader worker's death reported there (Paddle's SIGCHLD handler) is raised as the
+    ``SystemError`` it is elsewhere, so ``run_command`` gives its one line. Every other error passes unchanged."""
     try:
         yield
     except OSError as exc:
-        if "KeyboardInterrupt" not in str(exc):
-            raise
-        raise KeyboardInterrupt from None
+        if "KeyboardInterrupt" in str(exc):
+            raise KeyboardInterrupt from None
+        if "DataLoader" in str(exc) and "SystemError" in str(exc):
+            raise SystemError(str(exc)) from None
+        raise
 
 
 def _say(text: str) -> None:
