@@ -223,37 +223,12 @@ void rf_bias_gelu_fwd(float *restrict x, const float *restrict b, float *restric
     }
 }
 
-/* Its backward from z: dz = dy * GELU'(z) (as rf_gelu_bwd) and db = column sums of dz (as rf_column_sum: the
- * same blocks, the same order). Returns 0, or -1 when the scratch memory could not be allocated. */
-int rf_bias_gelu_bwd(const float *restrict z, const float *restrict dy, float *restrict dz, float *restrict db,
-                     int64_t rows, int64_t cols) {
-    int parts = rows * cols >= RF_PARALLEL_MIN ? omp_get_max_threads() : 1;
-    if (parts > rows) parts = rows > 0 ? (int)rows : 1;
-    double *parts_buf = (double *)calloc((size_t)parts * (size_t)cols, sizeof(double));
-    if (!parts_buf) return -1;
-#pragma omp parallel num_threads(parts)
-    for (int part = omp_get_thread_num(); part < parts; part += omp_get_num_threads()) {
-        int64_t lo, hi;
-        rf_block(rows, parts, part, &lo, &hi);
-        double *acc = parts_buf + (int64_t)part * cols;
-        for (int64_t i = lo; i < hi; ++i) {
-            const float *zr = z + i * cols, *gr = dy + i * cols;
-            float *dzr = dz + i * cols;
-#pragma omp simd
-            for (int64_t c = 0; c < cols; ++c) {
-                float g = gr[c] * rf_gelu_grad(zr[c]);
-                dzr[c] = g;
-                acc[c] += g;
-            }
-        }
-    }
-    rf_reduce_parts(parts_buf, parts, cols, db);
-    free(parts_buf);
-    return 0;
-}
-
-/* Returns 0, or -1 when the scratch memory could not be allocated. */
-int rf_column_sum(const float *restrict g, float *restrict out, int64_t rows, int64_t cols) {
+/* Column sums of g (rows x cols) in double, per block of rows, the blocks added in a fixed order. With z set, the
+ * summed values are g * GELU'(z), also written to dz (the backward of rf_bias_gelu_fwd from z: dz and the bias
+ * gradient in one sweep, the same values and order as rf_gelu_bwd followed by the plain sums). Returns 0, or -1
+ * when the scratch memory could not be allocated. */
+static int rf_column_sums(const float *restrict g, const float *restrict z, float *restrict dz, float *restrict out,
+                          int64_t rows, int64_t cols) {
     int parts = rows * cols >= RF_PARALLEL_MIN ? omp_get_max_threads() : 1;
     if (parts > rows) parts = rows > 0 ? (int)rows : 1;
     double *parts_buf = (double *)calloc((size_t)parts * (size_t)cols, sizeof(double));
@@ -265,13 +240,33 @@ int rf_column_sum(const float *restrict g, float *restrict out, int64_t rows, in
         double *acc = parts_buf + (int64_t)part * cols;
         for (int64_t r = lo; r < hi; ++r) {
             const float *gr = g + r * cols;
+            if (z) {
+                const float *zr = z + r * cols;
+                float *dzr = dz + r * cols;
 #pragma omp simd
-            for (int64_t c = 0; c < cols; ++c) acc[c] += gr[c];
+                for (int64_t c = 0; c < cols; ++c) {
+                    float v = gr[c] * rf_gelu_grad(zr[c]);
+                    dzr[c] = v;
+                    acc[c] += v;
+                }
+            } else {
+#pragma omp simd
+                for (int64_t c = 0; c < cols; ++c) acc[c] += gr[c];
+            }
         }
     }
     rf_reduce_parts(parts_buf, parts, cols, out);
     free(parts_buf);
     return 0;
+}
+
+int rf_bias_gelu_bwd(const float *restrict z, const float *restrict dy, float *restrict dz, float *restrict db,
+                     int64_t rows, int64_t cols) {
+    return rf_column_sums(dy, z, dz, db, rows, cols);
+}
+
+int rf_column_sum(const float *restrict g, float *restrict out, int64_t rows, int64_t cols) {
+    return rf_column_sums(g, 0, 0, out, rows, cols);
 }
 
 /* ---------------------------------------------------------------------------------------------- attention
